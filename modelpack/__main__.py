@@ -18,9 +18,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train and export the demo model ads_ctr v1 and v2")
     d.add_argument("--store", type=Path, required=True, help="model store directory")
     d.add_argument("--rows", type=int, default=200_000, help="rows of the unified table")
-    d.add_argument("--examples", type=int, default=400_000,
+    d.add_argument("--examples", type=int, default=2_000_000,
                    help="training examples per version (requests x 16 candidates)")
-    d.add_argument("--eval-requests", type=int, default=1_500, help="held-out requests per version")
+    d.add_argument("--eval-requests", type=int, default=4_000,
+                   help="held-out requests per version")
     d.add_argument("--shards", type=int, default=2, help="shard files per table")
     d.add_argument("--force", action="store_true", help="rebuild versions that already exist")
     d.add_argument("--quiet", action="store_true", help="no progress bars")

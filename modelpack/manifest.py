@@ -251,7 +251,8 @@ def verify(version_dir: Path | str, *, only: set[str] | None = None, threads: in
         if not p.is_file():
             return f"{m.model}/{m.version}: file {f.path} is missing"
         if p.stat().st_size != f.bytes:
-            return f"{m.model}/{m.version}: file {f.path} has {p.stat().st_size} bytes, manifest says {f.bytes}"
+            size = p.stat().st_size
+            return f"{m.model}/{m.version}: file {f.path} has {size} bytes, manifest says {f.bytes}"
         _, digest = sha256_file(p)
         if digest != f.sha256:
             return f"{m.model}/{m.version}: file {f.path} sha256 {digest} != manifest {f.sha256} (corrupt)"

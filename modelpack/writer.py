@@ -53,7 +53,7 @@ class _TableStream:
         self.shard += 1
         path = self.root / self.spec.shard_path(self.shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "wb")
+        self.fh = open(path, "wb")  # noqa: SIM115 (closed in _close_current/abort)
         self.hash = hashlib.sha256()
         self.size = 0
 

@@ -115,7 +115,7 @@ def test_non_finite_names_table_and_row(bad: float) -> None:
 def test_value_beyond_fp16_is_refused() -> None:
     x = np.zeros((2, 8), np.float32)
     x[1, 0] = 1e6
-    with pytest.raises(ValueError, match="row 1 .*fp16"):
+    with pytest.raises(ValueError, match=r"row 1 .*fp16"):
         quantize_rows(x)
 
 

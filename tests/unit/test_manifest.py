@@ -12,7 +12,7 @@ import torch
 from modelpack.dense import build_dense
 from modelpack.export import export_version, tables_from_torchrec_state_dict
 from modelpack.int4 import dequantize_rows, quantize_rows
-from modelpack.manifest import read_manifest, verify, VerifyError
+from modelpack.manifest import VerifyError, read_manifest, verify
 from modelpack.schema import SchemaError
 from modelpack.scorer import TableReader
 from tests.helpers_store import TINY_SCHEMA, dense_config, tiny_version
@@ -67,12 +67,12 @@ def test_verify_names_missing_and_truncated_files(tmp_path: Path) -> None:
     tiny_version(tmp_path)
     vdir = tmp_path / "tiny" / "v1"
     (vdir / "eval.jsonl").unlink()
-    with pytest.raises(VerifyError, match="eval.jsonl is missing"):
+    with pytest.raises(VerifyError, match=r"eval\.jsonl is missing"):
         verify(vdir)
     tiny_version(tmp_path, "v2")
     shard = tmp_path / "tiny" / "v2" / "tables/cats/shard-0-of-1.bin"
     shard.write_bytes(shard.read_bytes()[:-1])
-    with pytest.raises(VerifyError, match="shard-0-of-1.bin has .* bytes"):
+    with pytest.raises(VerifyError, match=r"shard-0-of-1\.bin has .* bytes"):
         verify(tmp_path / "tiny" / "v2")
 
 
@@ -112,7 +112,7 @@ def test_tampered_body_fails_fingerprint(tmp_path: Path) -> None:
 
 
 def test_not_json_and_missing_manifest(tmp_path: Path) -> None:
-    with pytest.raises(SchemaError, match="no manifest.json"):
+    with pytest.raises(SchemaError, match=r"no manifest\.json"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{nope")
     with pytest.raises(SchemaError, match="not valid JSON"):
@@ -140,7 +140,7 @@ def test_nan_dense_weight_refused(tmp_path: Path) -> None:
     dense = build_dense("dcn_v2", cfg)
     with torch.no_grad():
         next(iter(dense.parameters())).view(-1)[0] = float("inf")
-    with pytest.raises(ValueError, match="dense model: weight .* NaN or Inf"):
+    with pytest.raises(ValueError, match=r"dense model: weight .* NaN or Inf"):
         export_version(tmp_path, "tiny", "v1", schema=TINY_SCHEMA,
                        tables={"unified": np.zeros((10, 16), np.float32),
                                "cats": np.zeros((3, 16), np.float32)},
