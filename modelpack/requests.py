@@ -72,7 +72,7 @@ def _number(v: Any, field: str) -> float:
 def _check_entity(obj: Any, side: Side, schema: FeatureSchema, field: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise RequestError(field, f"must be an object of {side} features")
-    known = {f.name for f in schema.sparse_by_side(side)} | {f.name for f in schema.dense_by_side(side)}
+    known = _side_names(schema, side)
     for key in obj:
         if key not in known:
             raise RequestError(f"{field}.{key}", f"unknown {side} feature (expected {sorted(known)})")
@@ -80,6 +80,49 @@ def _check_entity(obj: Any, side: Side, schema: FeatureSchema, field: str) -> di
         if name not in obj:
             raise RequestError(f"{field}.{name}", f"missing {side} feature")
     return obj
+
+
+def _side_names(schema: FeatureSchema, side: Side) -> set[str]:
+    return {f.name for f in schema.sparse_by_side(side)} | {f.name for f in schema.dense_by_side(side)}
+
+
+def _int_column(name: str, vals: list[Any]) -> npt.NDArray[np.int64]:
+    """Candidate IDs of one feature as int64; a bad one is named by its candidate index."""
+    if set(map(type, vals)) == {int}:
+        try:
+            return np.array(vals, dtype=np.int64)
+        except OverflowError:
+            pass
+    for i, v in enumerate(vals):
+        _int_id(v, f"candidates[{i}].{name}")
+    raise AssertionError("unreachable: some ID must have failed validation")
+
+
+def _float_column(name: str, vals: list[Any]) -> npt.NDArray[np.float64]:
+    if set(map(type, vals)) <= {int, float}:
+        try:
+            arr = np.array(vals, dtype=np.float64)
+        except OverflowError:  # an int beyond float64
+            arr = np.array([math.nan])
+        if np.isfinite(arr).all():
+            return arr
+    for i, v in enumerate(vals):
+        _number(v, f"candidates[{i}].{name}")
+    raise AssertionError("unreachable: some value must have failed validation")
+
+
+def _multi_column(name: str, max_length: int, ents: list[Any], user: bool) -> SparseColumn:
+    ids: list[int] = []
+    lengths: list[int] = []
+    for i, e in enumerate(ents):
+        field = f"user.{name}" if user else f"candidates[{i}].{name}"
+        v = e[name]
+        if not isinstance(v, list):
+            raise RequestError(field, "must be a list of integer IDs")
+        vals = [_int_id(x, f"{field}[{j}]") for j, x in enumerate(v[:max_length])]
+        ids.extend(vals)
+        lengths.append(len(vals))
+    return SparseColumn(np.array(ids, dtype=np.int64), np.array(lengths, dtype=np.int64))
 
 
 def decode_request(schema: FeatureSchema, req: Any, *, max_candidates: int = 1000) -> DecodedRequest:
@@ -104,35 +147,35 @@ def decode_request(schema: FeatureSchema, req: Any, *, max_candidates: int = 100
         raise RequestError("candidates", "must be a non-empty list")
     if len(cands) > max_candidates:
         raise RequestError("candidates", f"{len(cands)} candidates, at most {max_candidates} allowed")
+    cand_keys = _side_names(schema, "candidate")
     for i, c in enumerate(cands):
-        _check_entity(c, "candidate", schema, f"candidates[{i}]")
+        # Fast path: one C-level comparison per candidate; the slow path names the field.
+        if not isinstance(c, dict) or c.keys() != cand_keys:
+            _check_entity(c, "candidate", schema, f"candidates[{i}]")
     sparse: dict[str, SparseColumn] = {}
     for f in schema.sparse:
-        ents = [user] if f.side == "user" else cands
-        prefix = "user" if f.side == "user" else "candidates[{i}]"
-        ids: list[int] = []
-        lengths: list[int] = []
-        for i, e in enumerate(ents):
-            field = f"{prefix.format(i=i)}.{f.name}"
-            v = e[f.name]
-            if f.multi_valued:
-                if not isinstance(v, list):
-                    raise RequestError(field, "must be a list of integer IDs")
-                vals = [_int_id(x, f"{field}[{j}]") for j, x in enumerate(v[: f.max_length])]
-                ids.extend(vals)
-                lengths.append(len(vals))
-            else:
-                ids.append(_int_id(v, field))
-                lengths.append(1)
-        sparse[f.name] = SparseColumn(np.array(ids, dtype=np.int64), np.array(lengths, dtype=np.int64))
+        if f.multi_valued:
+            ents = [user] if f.side == "user" else cands
+            sparse[f.name] = _multi_column(f.name, f.max_length, ents, f.side == "user")
+        elif f.side == "user":
+            ids = np.array([_int_id(user[f.name], f"user.{f.name}")], dtype=np.int64)
+            sparse[f.name] = SparseColumn(ids, np.ones(1, dtype=np.int64))
+        else:
+            vals = [c[f.name] for c in cands]
+            sparse[f.name] = SparseColumn(_int_column(f.name, vals), np.ones(len(vals), dtype=np.int64))
     n = len(cands)
     dense = np.empty((n, len(schema.dense)), dtype=np.float32)
     for j, df in enumerate(schema.dense):
         if df.side == "user":
-            dense[:, j] = df.normalize(_number(user[df.name], f"user.{df.name}"))
+            raw = np.array([_number(user[df.name], f"user.{df.name}")])
         else:
-            dense[:, j] = [df.normalize(_number(c[df.name], f"candidates[{i}].{df.name}"))
-                           for i, c in enumerate(cands)]
+            raw = _float_column(df.name, [c[df.name] for c in cands])
+        col = df.normalize_array(raw).astype(np.float32)
+        if not np.isfinite(col).all():
+            i = int(np.flatnonzero(~np.isfinite(col))[0])
+            where = "user" if df.side == "user" else f"candidates[{i}]"
+            raise RequestError(f"{where}.{df.name}", "value overflows float32 after normalization")
+        dense[:, j] = col
     return DecodedRequest(request_id=rid, model=model, timeout_ms=timeout, num_candidates=n,
                           sparse=sparse, dense=dense)
 

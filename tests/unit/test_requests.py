@@ -83,3 +83,18 @@ def test_too_many_candidates_and_non_object() -> None:
         decode_request(TINY_SCHEMA, tiny_request(3), max_candidates=2)
     with pytest.raises(RequestError, match="body: must be a JSON object"):
         decode_request(TINY_SCHEMA, [1, 2])
+
+
+def test_finite_values_that_overflow_float32_are_refused() -> None:
+    with pytest.raises(RequestError) as e:
+        decode_request(TINY_SCHEMA, _mutated(["candidates", 1, "ad_bid"], 1e300))
+    assert e.value.field == "candidates[1].ad_bid"
+    with pytest.raises(RequestError) as e:
+        decode_request(TINY_SCHEMA, _mutated(["candidates", 0, "ad_bid"], 10**400))
+    assert e.value.field == "candidates[0].ad_bid"
+
+
+def test_fast_path_equals_slow_semantics_for_mixed_int_float_dense() -> None:
+    req = _mutated(["candidates", 0, "ad_bid"], 3)  # an int where floats are usual
+    d = decode_request(TINY_SCHEMA, req)
+    assert d.dense[0, 1] == 3.0 and d.dense.dtype == np.float32
