@@ -63,7 +63,10 @@ def _int_id(v: Any, field: str) -> int:
 def _number(v: Any, field: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise RequestError(field, f"must be a number, got {type(v).__name__}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        raise RequestError(field, "number too large") from None
     if not math.isfinite(f):
         raise RequestError(field, "must be finite (NaN and Inf are refused)")
     return f
@@ -170,7 +173,8 @@ def decode_request(schema: FeatureSchema, req: Any, *, max_candidates: int = 100
             raw = np.array([_number(user[df.name], f"user.{df.name}")])
         else:
             raw = _float_column(df.name, [c[df.name] for c in cands])
-        col = df.normalize_array(raw).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            col = df.normalize_array(raw).astype(np.float32)
         if not np.isfinite(col).all():
             i = int(np.flatnonzero(~np.isfinite(col))[0])
             where = "user" if df.side == "user" else f"candidates[{i}]"
