@@ -244,20 +244,25 @@ def score_log(trained: TrainedModel, schema: FeatureSchema, log: ClickLog, *,
 
 @torch.inference_mode()
 def score_float(trained: TrainedModel, schema: FeatureSchema,
-                requests: Sequence[Mapping[str, Any]]) -> np.ndarray:
+                requests: Sequence[Mapping[str, Any]], chunk: int = 256) -> np.ndarray:
     """FP32 click probabilities of request dicts (decoded as the ranker does), concatenated."""
     weights = {n: torch.from_numpy(w) for n, w in trained.tables.items()}
+    decoded = [decode_request(schema, dict(r), max_candidates=1 << 20) for r in requests]
     out = []
-    for req in requests:
-        d = decode_request(schema, dict(req), max_candidates=1 << 20)
+    for start in range(0, len(decoded), chunk):  # many requests per forward: one big batch
+        part = decoded[start:start + chunk]
         bags = []
         for f in schema.sparse:
-            col = d.sparse[f.name]
-            offsets = np.concatenate([[0], np.cumsum(col.lengths)]).astype(np.int64)
-            rows = rows_for(col.ids, f.hash_seed, trained.tables[f.table].shape[0])
+            cols = [d.sparse[f.name] for d in part]
+            lengths = np.concatenate([c.lengths for c in cols])
+            offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            ids = np.concatenate([c.ids for c in cols])
+            rows = rows_for(ids, f.hash_seed, trained.tables[f.table].shape[0])
             bags.append((torch.from_numpy(rows), torch.from_numpy(offsets)))
-        b = _Batch(bags, torch.zeros(d.num_candidates, dtype=torch.int64),
-                   torch.from_numpy(d.dense), torch.zeros(0))
+        local = np.repeat(np.arange(len(part)), [d.num_candidates for d in part])
+        b = _Batch(bags, torch.from_numpy(local),
+                   torch.from_numpy(np.concatenate([d.dense for d in part])), torch.zeros(0))
         out.append(torch.sigmoid(_logits(schema, weights, trained.dense, b, quantize=False)))
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
