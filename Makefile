@@ -24,7 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy modelpack protos
+	$(VENV)/bin/mypy modelpack protos embedding_server ranker_server deploy_controller loadtest
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

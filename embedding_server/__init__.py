@@ -1,0 +1,8 @@
+"""CPU embedding server: memory-mapped INT4 tables served over gRPC (EmbeddingService).
+
+Modules: config (flags), table_store (verify + mmap a version's shard files),
+fbgemm_tbe (FBGEMM kernel over the mapped bytes), versions (load/unload/drain state),
+lookup (request semantics), servicer (gRPC + status codes), auth, metrics, peers
+(--workers admin fan-out), server (one process), workers (supervisor), client (the
+ranker's door in; imports nothing else from this package).
+"""

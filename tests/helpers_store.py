@@ -10,7 +10,7 @@ import torch
 from modelpack.dense import build_dense
 from modelpack.export import export_version
 from modelpack.manifest import Manifest
-from modelpack.schema import FeatureSchema, SparseFeature, DenseFeature
+from modelpack.schema import DenseFeature, FeatureSchema, SparseFeature
 
 TINY_SCHEMA = FeatureSchema(
     sparse=(

@@ -1,0 +1,233 @@
+"""Async client of a sharded EmbeddingService: the one door between the tiers.
+
+One logical lookup (several tables, global rows) is split by row range into one
+`Lookup` per shard carrying every table, all fired at once; the answers are checked
+against the requested model, version and fingerprint and merged back into request
+order. Replicas of a shard sit behind one gRPC channel whose target gRPC resolves
+itself (`dns:///host:port`, or `ipv4:a:p1,b:p2` for fixed addresses) and balances with
+its own `round_robin` policy; UNAVAILABLE is retried, on the next replica, within the
+caller's deadline. Depends on protos and modelpack only (no FBGEMM, no server code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from modelpack.hashing import shard_bounds
+from protos import embedding_pb2 as pb
+from protos import embedding_pb2_grpc as pb_grpc
+
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "hybrid.embedding.v1.EmbeddingService"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.005s", "maxBackoff": "0.05s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+_CHANNEL_OPTIONS = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+POOLING = {"none": pb.POOLING_NONE, "sum": pb.POOLING_SUM, "mean": pb.POOLING_MEAN}
+OUTPUT = {"int4": pb.OUTPUT_INT4_PACKED, "fp16": pb.OUTPUT_FP16, "fp32": pb.OUTPUT_FP32}
+
+
+class EmbeddingLookupError(Exception):
+    """A lookup that failed; `code` is the gRPC status of the failing shard, if any."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, shard: int = -1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.shard = shard
+
+
+class VersionMismatchError(EmbeddingLookupError):
+    """A shard answered with another model version or fingerprint than requested."""
+
+
+@dataclass
+class TableQuery:
+    """One table's part of a logical lookup.
+
+    rows: int64 global row ids; offsets: int64 (bags + 1) or None for one row per bag;
+    pooling: none|sum|mean; output: int4 (pooling none only) | fp16 | fp32.
+    """
+
+    table: str
+    num_rows: int
+    dim: int
+    rows: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64] | None = None
+    pooling: str = "none"
+    output: str = "int4"
+
+
+def replicas_target(addresses: Sequence[str]) -> str:
+    """A gRPC target for a shard: one `dns:///...` target as is, or fixed `host:port` replicas."""
+    if len(addresses) == 1 and ":///" in addresses[0]:
+        return addresses[0]
+    if any(":///" in a for a in addresses):
+        raise ValueError(f"mix of resolver targets and addresses for one shard: {list(addresses)}")
+    return "ipv4:" + ",".join(addresses)
+
+
+@dataclass
+class _Part:
+    """What one shard must answer for one table, and where its answer goes."""
+
+    positions: npt.NDArray[np.int64]  # for unpooled: output rows this shard fills
+    request: pb.TableLookup
+
+
+class EmbeddingClient:
+    """Fans lookups out to `shards` (each a list of replica addresses or one dns:/// target)."""
+
+    def __init__(self, shards: Sequence[Sequence[str]], *, default_timeout_s: float = 1.0) -> None:
+        if not shards:
+            raise ValueError("need at least one embedding shard")
+        self.targets = [replicas_target(s) for s in shards]
+        self.replicas = [list(s) for s in shards]
+        self.default_timeout_s = default_timeout_s
+        self._channels = [grpc.aio.insecure_channel(t, options=_CHANNEL_OPTIONS)
+                          for t in self.targets]
+        self._stubs = [
+            pb_grpc.EmbeddingServiceStub(c)  # type: ignore[no-untyped-call]
+            for c in self._channels
+        ]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._stubs)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    def _split(self, q: TableQuery) -> list[_Part]:
+        s = self.num_shards
+        bounds = shard_bounds(q.num_rows, s)
+        shard = np.searchsorted(bounds, q.rows, side="right") - 1
+        order = np.argsort(shard, kind="stable")  # keeps bag order within each shard
+        counts = np.bincount(shard, minlength=s)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        pooled = q.pooling != "none"
+        if pooled:
+            assert q.offsets is not None
+            bag = np.searchsorted(q.offsets, np.arange(q.rows.size), side="right") - 1
+            num_bags = q.offsets.size - 1
+        parts = []
+        for k in range(s):
+            idx = order[starts[k]:starts[k + 1]]
+            req = pb.TableLookup(table=q.table, rows=q.rows[idx].astype("<i8").tobytes())
+            if pooled:
+                per_bag = np.bincount(bag[idx], minlength=num_bags)
+                offs = np.zeros(num_bags + 1, dtype="<i8")
+                np.cumsum(per_bag, out=offs[1:])
+                req.offsets = offs.tobytes()
+                # Bags span shards: shards return FP32 partial sums; the mean is taken here.
+                req.pooling = pb.POOLING_SUM
+                req.output = pb.OUTPUT_FP32
+            else:
+                req.pooling = pb.POOLING_NONE
+                req.output = OUTPUT[q.output]
+            parts.append(_Part(idx.astype(np.int64), req))
+        return parts
+
+    async def _call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EmbeddingLookupError(f"shard {k}: deadline exceeded",
+                                           grpc.StatusCode.DEADLINE_EXCEEDED, k)
+            try:
+                resp: pb.LookupResponse = await self._stubs[k].Lookup(request, timeout=remaining)
+                return resp
+            except grpc.aio.AioRpcError as e:
+                attempt += 1
+                # UNAVAILABLE: the replica is down or draining; round_robin moves on.
+                if e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    await asyncio.sleep(min(0.002 * attempt, 0.02))
+                    continue
+                raise EmbeddingLookupError(f"shard {k}: {e.code().name}: {e.details()}",
+                                           e.code(), k) from None
+
+    async def lookup(self, model: str, version: str, fingerprint: str,
+                     queries: Sequence[TableQuery], timeout_s: float | None = None
+                     ) -> list[npt.NDArray[np.generic]]:
+        """Look up every query at once; one array per query, in request order.
+
+        Unpooled: uint8 (rows, 4 + dim/2) for int4, else (rows, dim) fp16/fp32.
+        Pooled: (bags, dim) in the requested float type.
+        """
+        budget = timeout_s if timeout_s is not None else self.default_timeout_s
+        deadline = time.monotonic() + budget
+        split = [self._split(q) for q in queries]
+        requests = [
+            pb.LookupRequest(model=model, version=version, fingerprint=fingerprint,
+                             tables=[parts[k].request for parts in split])
+            for k in range(self.num_shards)
+        ]
+        answers = await asyncio.gather(
+            *(self._call(k, r, deadline) for k, r in enumerate(requests)))
+        for k, a in enumerate(answers):
+            if a.model != model or a.version != version or (
+                    fingerprint and a.fingerprint != fingerprint):
+                raise VersionMismatchError(
+                    f"shard {k} answered {a.model}/{a.version} ({a.fingerprint[:19]}) for a lookup "
+                    f"of {model}/{version} ({fingerprint[:19]})", None, k)
+            if a.shard != k or a.num_shards != self.num_shards or len(a.results) != len(queries):
+                raise EmbeddingLookupError(
+                    f"shard {k} answered as shard {a.shard}/{a.num_shards} with "
+                    f"{len(a.results)} results (expected shard {k}/{self.num_shards}, "
+                    f"{len(queries)} results): misconfigured shard order?", None, k)
+        return [self._merge(q, split[i], [a.results[i] for a in answers])
+                for i, q in enumerate(queries)]
+
+    @staticmethod
+    def _merge(q: TableQuery, parts: list[_Part], results: Sequence[pb.TableResult]
+               ) -> npt.NDArray[np.generic]:
+        if q.pooling != "none":
+            assert q.offsets is not None
+            out = np.zeros((q.offsets.size - 1, q.dim), dtype=np.float32)
+            for r in results:
+                out += np.frombuffer(r.data, dtype="<f4").reshape(-1, q.dim)
+            if q.pooling == "mean":
+                out /= np.maximum(np.diff(q.offsets), 1)[:, None].astype(np.float32)
+            return out.astype(np.float16) if q.output == "fp16" else out
+        dtype: np.dtype[np.generic]
+        if q.output == "int4":
+            width, dtype = 4 + q.dim // 2, np.dtype(np.uint8)
+        else:
+            width, dtype = q.dim, np.dtype("<f2" if q.output == "fp16" else "<f4")
+        merged = np.empty((q.rows.size, width), dtype=dtype)
+        for p, r in zip(parts, results, strict=True):
+            data = np.frombuffer(r.data, dtype=dtype)
+            if data.size != p.positions.size * width:
+                raise EmbeddingLookupError(f"table {q.table}: shard answered {data.size} values, "
+                                   f"expected {p.positions.size * width}")
+            merged[p.positions] = data.reshape(-1, width)
+        return merged
+
+    async def list_versions(self, timeout_s: float = 2.0) -> list[list[pb.ListVersionsResponse]]:
+        """ListVersions from every replica of every shard (the prepare handshake asks all)."""
+
+        async def one(addr: str) -> pb.ListVersionsResponse:
+            target = addr if ":///" in addr else "ipv4:" + addr
+            async with grpc.aio.insecure_channel(target) as ch:
+                resp: pb.ListVersionsResponse = await pb_grpc.EmbeddingServiceStub(ch).ListVersions(  # type: ignore[no-untyped-call]
+                    pb.ListVersionsRequest(), timeout=timeout_s)
+                return resp
+
+        return [list(await asyncio.gather(*(one(a) for a in reps))) for reps in self.replicas]

@@ -1,0 +1,27 @@
+"""Process plumbing shared by a server and the --workers supervisor (no heavy imports)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:
+    """Line 1: gRPC port; line 2 (if metrics are on): metrics port. Written atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n" + (f"{metrics_port}\n" if metrics_port is not None else ""))
+    os.replace(tmp, path)
+
+
+def setup_logging(level: str) -> None:
+    # force: importing fbgemm_gpu already installed a root handler at WARNING.
+    logging.basicConfig(level=level.upper(), force=True,
+                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_tbe_chatter)
+
+
+def _drop_tbe_chatter(record: logging.LogRecord) -> bool:
+    # FBGEMM logs a feature-gate line to the root logger for every TBE it builds.
+    return not (record.name == "root" and str(record.msg).startswith("[TBE="))

@@ -1,0 +1,210 @@
+"""The versions a shard holds: LOADING -> READY -> UNLOADING -> gone (or FAILED).
+
+All state lives behind one lock; the slow parts (hashing, mapping, draining) run outside
+it. Memory is reserved when a load starts, so two concurrent loads cannot both squeeze
+under the budget. A lookup holds its version for its whole run (`acquire`), which is
+what UnloadVersion drains and what keeps the mapping alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from embedding_server.errors import ServiceError
+from embedding_server.table_store import (
+    LoadedVersion,
+    StoreError,
+    VersionPlan,
+    open_version,
+    plan_version,
+)
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+_STORE_CODES = {"not_found": grpc.StatusCode.NOT_FOUND, "invalid": grpc.StatusCode.FAILED_PRECONDITION,
+                "corrupt": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+@dataclass
+class Entry:
+    """One version's state on this shard."""
+
+    model: str
+    version: str
+    state: str  # "LOADING" | "READY" | "UNLOADING" | "FAILED"
+    fingerprint: str = ""
+    nbytes: int = 0  # reserved while LOADING, mapped once READY, 0 when FAILED
+    error: str = ""
+    in_flight: int = 0
+    loaded: LoadedVersion | None = None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """CheckFit's answer."""
+
+    fits: bool
+    required: int
+    available: int
+    reason: str
+
+
+class VersionRegistry:
+    """Loaded versions of one shard and the lookups running against them."""
+
+    def __init__(self, store: Path, shard: int, num_shards: int, budget: int) -> None:
+        self.store, self.shard, self.num_shards, self.budget = store, shard, num_shards, budget
+        self._entries: dict[Key, Entry] = {}
+        self._cond = threading.Condition()
+
+    # ------------------------------------------------------------------ lookups
+
+    @contextmanager
+    def acquire(self, model: str, version: str, fingerprint: str) -> Iterator[LoadedVersion]:
+        """Hold a READY version for one lookup; FAILED_PRECONDITION if it is not servable."""
+        with self._cond:
+            e = self._entries.get((model, version))
+            if e is None or e.state != "READY" or e.loaded is None:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, self._not_ready(model, version, e))
+            if fingerprint and fingerprint != e.fingerprint:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"version {model}/{version} on shard {self.shard} has fingerprint "
+                    f"{e.fingerprint}, the request expects {fingerprint}",
+                )
+            e.in_flight += 1
+            loaded = e.loaded
+        try:
+            yield loaded
+        finally:
+            with self._cond:
+                e.in_flight -= 1
+                if e.in_flight == 0:
+                    self._cond.notify_all()
+
+    def _not_ready(self, model: str, version: str, e: Entry | None) -> str:
+        if e is None:
+            ready = sorted(f"{m}/{v}" for (m, v), x in self._entries.items() if x.state == "READY")
+            return (f"version {model}/{version} is not loaded on shard {self.shard} of "
+                    f"{self.num_shards} (ready: {', '.join(ready) or 'none'})")
+        return f"version {model}/{version} is {e.state} on shard {self.shard}, not READY"
+
+    # ------------------------------------------------------------------ admin
+
+    def snapshot(self, model: str = "") -> list[Entry]:
+        """Copies of the entries (all, or one model's), sorted by model and version."""
+        with self._cond:
+            return [Entry(**{**vars(e), "loaded": None}) for k, e in sorted(self._entries.items())
+                    if not model or k[0] == model]
+
+    def used_bytes(self) -> int:
+        with self._cond:
+            return self._used()
+
+    def _used(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def _plan(self, model: str, version: str) -> VersionPlan:
+        try:
+            return plan_version(self.store, model, version, self.shard, self.num_shards)
+        except StoreError as e:
+            raise ServiceError(_STORE_CODES[e.kind], str(e)) from None
+
+    def check_fit(self, model: str, version: str) -> Fit:
+        """Would `version` fit the budget now? Reads only its manifest."""
+        plan = self._plan(model, version)
+        with self._cond:
+            e = self._entries.get((model, version))
+            if e is not None and e.state in ("READY", "LOADING"):
+                return Fit(True, plan.nbytes, self.budget - self._used(), f"already {e.state}")
+            available = self.budget - self._used()
+        if plan.nbytes <= available:
+            return Fit(True, plan.nbytes, available, "")
+        return Fit(False, plan.nbytes, available, self._too_big(plan, available))
+
+    def _too_big(self, plan: VersionPlan, available: int) -> str:
+        return (f"{plan.model}/{plan.version} needs {plan.nbytes} bytes of tables on shard "
+                f"{self.shard}, only {available} of the {self.budget}-byte memory budget are free "
+                f"({self.budget - available} used by loaded versions)")
+
+    def load(self, model: str, version: str) -> Entry:
+        """Verify and map a version; returns its READY entry or raises ServiceError.
+
+        Idempotent: a READY version is returned as is, a LOADING one is waited for.
+        On any failure the entry turns FAILED (visible in ListVersions) and nothing of
+        it stays mapped; other versions are never touched.
+        """
+        plan = self._plan(model, version)
+        key = (model, version)
+        with self._cond:
+            while (e := self._entries.get(key)) is not None and e.state == "LOADING":
+                self._cond.wait()
+            if e is not None and e.state == "READY":
+                return Entry(**{**vars(e), "loaded": None})
+            if e is not None and e.state == "UNLOADING":
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"version {model}/{version} is being unloaded; load it again "
+                                   "once UnloadVersion has returned")
+            available = self.budget - self._used()
+            if plan.nbytes > available:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, self._too_big(plan, available))
+            entry = Entry(model, version, "LOADING", plan.manifest.fingerprint, plan.nbytes)
+            self._entries[key] = entry
+        t0 = time.monotonic()
+        try:
+            loaded = open_version(plan)
+        except Exception as exc:
+            msg = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                entry.state, entry.nbytes, entry.error = "FAILED", 0, msg
+                self._cond.notify_all()
+            log.error("load of %s/%s failed: %s", model, version, msg)
+            code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, StoreError)
+                    else grpc.StatusCode.INTERNAL)
+            raise ServiceError(code, f"load of {model}/{version} refused: {msg}") from None
+        with self._cond:
+            entry.state, entry.loaded, entry.nbytes = "READY", loaded, loaded.nbytes
+            self._cond.notify_all()
+            log.info("version %s/%s READY in %.2fs (%d bytes, fingerprint %s)",
+                     model, version, time.monotonic() - t0, loaded.nbytes, loaded.fingerprint)
+            return Entry(**{**vars(entry), "loaded": None})
+
+    def unload(self, model: str, version: str, drain_timeout_s: float) -> Entry:
+        """Stop new lookups on the version, wait for its in-flight ones, then drop it.
+
+        Returns the final entry: state "" (gone) with in_flight = lookups still running
+        when the drain timed out (they finish safely on the still-referenced mapping).
+        Unloading a version that is not here succeeds (idempotent rollout steps).
+        """
+        key = (model, version)
+        with self._cond:
+            e = self._entries.get(key)
+            if e is None:
+                return Entry(model, version, "")
+            if e.state == "LOADING":
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"version {model}/{version} is still LOADING; unload it once "
+                                   "LoadVersion has returned")
+            e.state = "UNLOADING"
+            deadline = time.monotonic() + drain_timeout_s
+            while e.in_flight > 0 and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            if self._entries.get(key) is e:
+                del self._entries[key]
+            e.loaded = None  # the last in-flight lookup's reference frees the mapping
+            if e.in_flight:
+                log.warning("unload of %s/%s: drain timed out after %.1fs with %d lookups in flight",
+                            model, version, drain_timeout_s, e.in_flight)
+            else:
+                log.info("version %s/%s unloaded", model, version)
+            self._cond.notify_all()
+            return Entry(model, version, "", e.fingerprint, 0, e.error, e.in_flight)

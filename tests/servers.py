@@ -1,0 +1,143 @@
+"""Real server processes for tests: free port, fail fast if they die, SIGTERM at the end.
+
+    with ServerProcess.module("embedding_server", "--store", str(store), log_dir=tmp) as s:
+        channel = grpc.insecure_channel(s.address)
+
+The server must accept `--port 0 --port-file PATH` and write its bound port as the
+first line of PATH once it is ready (an optional second line: its metrics port).
+Several servers start in parallel with `start_all`. Output goes to a log file whose
+tail is put into every failure message, so a crash explains itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+_STARTUP_TIMEOUT_S = 90.0
+
+
+class ServerDied(RuntimeError):
+    """The server process exited while a test was waiting for it."""
+
+
+class ServerProcess:
+    """One server subprocess; use as a context manager or call start/wait_ready/stop."""
+
+    def __init__(self, argv: Sequence[str], *, log_dir: Path, name: str = "server",
+                 env: dict[str, str] | None = None,
+                 ready: Callable[[ServerProcess], bool] | None = None) -> None:
+        self.name = name
+        self.port_file = log_dir / f"{name}.port"
+        self.log_path = log_dir / f"{name}.log"
+        self.argv = [*argv, "--port", "0", "--port-file", str(self.port_file)]
+        self.env = {**os.environ, **(env or {})}
+        self.ready = ready
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._log: IO[bytes] | None = None
+
+    @classmethod
+    def module(cls, module: str, *args: str, log_dir: Path, name: str | None = None,
+               env: dict[str, str] | None = None,
+               ready: Callable[[ServerProcess], bool] | None = None) -> ServerProcess:
+        """`python -m module args...` with this interpreter."""
+        return cls([sys.executable, "-m", module, *args], log_dir=log_dir,
+                   name=name or module.replace(".", "_"), env=env, ready=ready)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} was never started"
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> ServerProcess:
+        self.port_file.unlink(missing_ok=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop(), outlives this call)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def check_alive(self) -> None:
+        """Raise ServerDied (with the log's tail) if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerDied(f"{self.name} exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = _STARTUP_TIMEOUT_S) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            if self.port_file.exists():
+                lines = self.port_file.read_text().split()
+                self.port = int(lines[0])
+                self.metrics_port = int(lines[1]) if len(lines) > 1 else None
+                if self.ready is None or self.ready(self):
+                    return self
+            if time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                raise TimeoutError(f"{self.name} not ready after {timeout}s; log tail:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` if the process still runs (stop() then waits for it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `sig`, wait (SIGKILL after `timeout`); returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start().wait_ready()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def start_all(servers: Iterable[ServerProcess]) -> list[ServerProcess]:
+    """Start several servers at once and wait for all; on failure stop every one."""
+    started = [s.start() for s in servers]
+    try:
+        for s in started:
+            s.wait_ready()
+    except BaseException:
+        for s in started:
+            s.stop(signal.SIGKILL)
+        raise
+    return started
+
+
+def stop_all(servers: Iterable[ServerProcess], sig: int = signal.SIGTERM) -> list[int]:
+    """Signal every server first, then wait for each: they shut down in parallel."""
+    servers = list(servers)
+    for s in servers:
+        s.send(sig)
+    return [s.stop(sig) for s in servers]
