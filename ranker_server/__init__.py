@@ -1,0 +1,1 @@
+"""Ranker server: HTTP ranking with early embedding lookups, dynamic batching, versions."""

@@ -1,0 +1,103 @@
+"""create_app(config): the FastAPI app, its resources built and torn down in one lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from ranker_server import admin, api
+from ranker_server.batcher import Batcher
+from ranker_server.config import RankerConfig
+from ranker_server.device import Device
+from ranker_server.lifecycle import Lifecycle
+from ranker_server.local_tables import LocalTables
+from ranker_server.metrics import Metrics
+from ranker_server.pipeline import Pipeline
+from ranker_server.sources import RemoteTables, TableSource
+from ranker_server.versions import AdminError, VersionRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankerState:
+    """Everything a request handler may touch, reached through `request.state.ranker`."""
+
+    config: RankerConfig
+    metrics: Metrics
+    registry: VersionRegistry
+    lifecycle: Lifecycle
+    source: TableSource
+    batcher: Batcher
+    device: Device
+    admin_token: str | None
+    draining: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: /readyz fails from now on; requests still in flight are served."""
+        if not self.draining:
+            log.info("draining: readiness is now false")
+        self.draining = True
+
+
+def _source(config: RankerConfig) -> TableSource:
+    if config.local_tables:
+        return LocalTables(config.store)
+    return RemoteTables(config.embedding_shards, config.prepare_timeout_s)
+
+
+def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = None) -> FastAPI:
+    """Build the ranker app; `state_out` receives its RankerState once started (for main/tests)."""
+    config.validate()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, RankerState]]:
+        metrics = Metrics()
+        device = Device(config.device)
+        source: TableSource | None = None
+        batcher: Batcher | None = None
+        state: RankerState | None = None
+        try:
+            source = _source(config)
+            registry = VersionRegistry(config.model, metrics)
+            lifecycle = Lifecycle(config, registry, source, device)
+            pipeline = Pipeline(device, source, metrics, serial_lookups=config.debug_serial_lookups)
+            batcher = Batcher(config, pipeline, metrics)
+            state = RankerState(config, metrics, registry, lifecycle, source, batcher, device,
+                                config.admin_token())
+            try:
+                await lifecycle.load(config.version)
+            except AdminError as e:
+                log.error("cannot start: version %s/%s: %s", config.model, config.version,
+                          e.message)
+                raise
+            batcher.start()
+            bring_up = asyncio.create_task(lifecycle.bring_up(config.version))
+            state.tasks.add(bring_up)
+            if state_out is not None:
+                state_out.append(state)
+            yield {"ranker": state}
+        finally:
+            if state is not None:
+                state.begin_drain()
+                for t in state.tasks:
+                    t.cancel()
+            if batcher is not None:
+                await batcher.drain(config.drain_timeout_s)
+            if source is not None:
+                await source.close()
+            device.close()
+            log.info("ranker stopped")
+
+    app = FastAPI(title="ranker", version="1", lifespan=lifespan,
+                  description="Scores ad candidates with a versioned model whose INT4 embedding "
+                              "tables live on remote shards.")
+    app.include_router(api.router)
+    app.include_router(admin.router)
+    return app

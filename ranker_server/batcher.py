@@ -1,0 +1,193 @@
+"""Dynamic batching: concurrent requests for the same version become one device batch.
+
+A batch closes when it holds `max_batch_candidates`, when its oldest request has waited
+`max_batch_wait_ms`, or (`eager_dispatch`) at once when no batch is running: waiting
+would only add latency then, and under load batches fill while others run. Up to
+`max_batches_in_flight` batches run at once, so batch k+1's lookups fly while batch k
+is on the device. The queue of waiting requests is bounded
+(`max_queue`): past it a request is shed with 429 at once instead of waiting without
+bound. A request whose deadline passes while queued fails with 504 and is not scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from modelpack.requests import DecodedRequest
+from ranker_server.config import RankerConfig
+from ranker_server.errors import RankError
+from ranker_server.metrics import Metrics
+from ranker_server.pipeline import Pipeline
+from ranker_server.versions import Lease
+
+log = logging.getLogger(__name__)
+Scores = npt.NDArray[np.float32]
+
+
+@dataclass(eq=False)
+class RankItem:
+    """One admitted request on its way through the batcher; owns its lease from submit on."""
+
+    lease: Lease
+    request: DecodedRequest
+    deadline: float  # time.monotonic() after which the request is answered 504
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future[Scores] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def finish(self, result: Scores | RankError) -> None:
+        if not self.future.done():
+            if isinstance(result, RankError):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+        self.lease.release()
+
+
+class Batcher:
+    def __init__(self, config: RankerConfig, pipeline: Pipeline, metrics: Metrics) -> None:
+        self.max_candidates = config.max_batch_candidates
+        self.wait_s = config.max_batch_wait_ms / 1000.0
+        self.eager = config.eager_dispatch
+        self.max_queue = config.max_queue
+        self.retry_after_s = config.retry_after_s
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self._pending: deque[RankItem] = deque()
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_batches_in_flight)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="ranker-batcher")
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def check_capacity(self) -> None:
+        """Raise 429 if a new request could not be queued (cheap; call before decoding)."""
+        if len(self._pending) >= self.max_queue:
+            raise RankError(429, "overloaded",
+                            f"ranker overloaded: {len(self._pending)} requests already queued "
+                            f"(max_queue {self.max_queue}); retry later",
+                            retry_after_s=self.retry_after_s)
+
+    def submit(self, item: RankItem) -> None:
+        """Queue `item` (429 if full); from here on the batcher releases its lease."""
+        self.check_capacity()
+        self._pending.append(item)
+        self._arrived.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let queued and running batches finish (up to `timeout_s`), then stop the loop."""
+        deadline = time.monotonic() + timeout_s
+        while (self._pending or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                items = await self._collect()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception:  # a bug: keep batching rather than hang every request
+                log.exception("batcher loop failed; continuing")
+                self._slots.release()
+                await asyncio.sleep(0.01)
+                continue
+            task = asyncio.create_task(self._run(items))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _drop_finished(self) -> None:
+        """Fail queued requests whose deadline passed or whose caller gave up."""
+        now = time.monotonic()
+        keep: deque[RankItem] = deque()
+        for it in self._pending:
+            if it.future.done():
+                it.lease.release()
+            elif now >= it.deadline:
+                waited_ms = (now - it.enqueued) * 1000
+                it.finish(RankError(504, "deadline", f"deadline expired after {waited_ms:.0f} ms "
+                                    "in the queue, before scoring started"))
+            else:
+                keep.append(it)
+        self._pending = keep
+
+    async def _collect(self) -> list[RankItem]:
+        while True:
+            self._drop_finished()
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            version = self._pending[0].lease.version
+            same = [it for it in self._pending if it.lease.version is version]
+            total = sum(it.request.num_candidates for it in same)
+            flush_at = self._pending[0].enqueued + self.wait_s
+            now = time.monotonic()
+            # An idle pipeline gains nothing from waiting: batches form while one is running.
+            idle = self.eager and not self._running
+            if total >= self.max_candidates or now >= flush_at or idle:
+                return self._take(same)
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), flush_at - now)
+
+    def _take(self, same: list[RankItem]) -> list[RankItem]:
+        batch: list[RankItem] = []
+        size = 0
+        for it in same:
+            if batch and size + it.request.num_candidates > self.max_candidates:
+                break
+            batch.append(it)
+            size += it.request.num_candidates
+        taken = set(batch)
+        self._pending = deque(it for it in self._pending if it not in taken)
+        return batch
+
+    async def _run(self, items: list[RankItem]) -> None:
+        try:
+            now = time.monotonic()
+            for it in items:
+                self.metrics.queue_wait.observe(now - it.enqueued)
+            version = items[0].lease.version
+            # The lookups serve every request of the batch: bound them by the latest deadline;
+            # each caller still answers 504 at its own deadline.
+            timeout_s = max(it.deadline for it in items) - now
+            results = await self.pipeline.run(version, [it.request for it in items], timeout_s)
+            for it, scores in zip(items, results, strict=True):
+                it.finish(scores)
+        except RankError as e:
+            if e.reason == "version_mismatch":
+                self.metrics.version_mismatch.inc(len(items))
+                log.error("batch of %d requests failed: %s", len(items), e.message)
+            else:
+                log.warning("batch of %d requests failed: %s", len(items), e.message)
+            for it in items:
+                it.finish(e)
+        except Exception as e:
+            log.exception("batch of %d requests failed", len(items))
+            err = RankError(500, "internal", f"internal error while scoring: {type(e).__name__}")
+            for it in items:
+                it.finish(err)
+        finally:
+            for it in items:
+                it.lease.release()
+            self._slots.release()

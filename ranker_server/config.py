@@ -1,0 +1,152 @@
+"""The ranker's one typed configuration object, validated once at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from modelpack.schema import SchemaError, check_name
+
+DeviceKind = Literal["auto", "cuda", "cpu"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the value."""
+
+
+def parse_shards(spec: str) -> tuple[tuple[str, ...], ...]:
+    """`--embedding-shards` -> one replica tuple per shard, in shard order.
+
+    Shards are separated by `,`; each is one `dns:///host:port` target (gRPC resolves
+    and balances its replicas) or fixed `host:port` replicas joined with `|`.
+    """
+    shards: list[tuple[str, ...]] = []
+    for i, part in enumerate(spec.split(",")):
+        replicas = tuple(r.strip() for r in part.split("|"))
+        if not part.strip() or any(not r for r in replicas):
+            raise ConfigError(f"embedding_shards: shard {i} in {spec!r} is empty")
+        for r in replicas:
+            if ":///" in r:
+                if len(replicas) > 1:
+                    raise ConfigError(
+                        f"embedding_shards: shard {i} mixes a resolver target {r!r} with "
+                        "other replicas; use one dns:/// target or host:port replicas")
+            elif r.rpartition(":")[0] == "" or not r.rpartition(":")[2].isdigit():
+                raise ConfigError(
+                    f"embedding_shards: shard {i} replica {r!r} is not host:port or dns:///host:port")
+        shards.append(replicas)
+    return tuple(shards)
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Everything the ranker needs; every field has a default and is checked by validate()."""
+
+    store: Path = Path("demo_store")
+    """Model store directory holding STORE/<model>/<version>/."""
+    model: str = "ads_ctr"
+    """The one model this ranker serves; requests naming another model get 404."""
+    version: str = "v1"
+    """Version loaded, prepared and activated at startup."""
+    embedding_shards: tuple[tuple[str, ...], ...] = ()
+    """Embedding shards in shard order, each a tuple of replica targets (see parse_shards)."""
+    local_tables: bool = False
+    """Read tables in-process from the store instead of calling embedding shards."""
+    device: DeviceKind = "auto"
+    """Where the dense model runs: cuda, cpu, or auto (cuda when available)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = 8080
+    """HTTP port; 0 picks a free one (see port_file)."""
+    port_file: Path | None = None
+    """If set, the bound port is written here (atomically) once the server accepts requests."""
+    admin_token_file: Path | None = None
+    """File holding the admin bearer token; None disables the admin API (403)."""
+    max_batch_candidates: int = 4096
+    """Upper bound on candidates in one device batch (a single request may fill it alone)."""
+    max_batch_wait_ms: float = 1.0
+    """How long the oldest queued request may wait for others to join its batch."""
+    eager_dispatch: bool = True
+    """Start a batch at once when none is running; False always waits max_batch_wait_ms."""
+    max_queue: int = 256
+    """Requests that may wait for a batch; beyond it new requests get 429."""
+    max_batches_in_flight: int = 2
+    """Batches in the pipeline at once: 2 lets batch k+1's lookups overlap batch k's forward."""
+    max_candidates: int = 1000
+    """Most candidates one request may carry (more is a 422 naming `candidates`)."""
+    max_body_bytes: int = 16 << 20
+    """Largest request body accepted (more is a 413)."""
+    default_timeout_ms: int = 1000
+    """Deadline of requests that carry no timeout_ms."""
+    max_timeout_ms: int = 60_000
+    """Upper bound applied to a request's timeout_ms."""
+    debug_serial_lookups: bool = False
+    """Debug: await the lookups before preparing dense inputs (disables the overlap)."""
+    prepare_timeout_s: float = 5.0
+    """Deadline of the ListVersions calls of one prepare handshake."""
+    startup_retry_s: float = 0.5
+    """Pause between attempts to prepare the startup version while shards come up."""
+    drain_grace_s: float = 1.0
+    """After SIGTERM: seconds with /readyz failing before the listener closes."""
+    drain_timeout_s: float = 30.0
+    """After SIGTERM: most seconds to wait for in-flight requests before exiting."""
+    retry_after_s: int = 1
+    """Retry-After header value on 429 and overload 503 answers."""
+    log_level: str = "info"
+    """Python logging level name."""
+
+    def validate(self) -> RankerConfig:
+        """Raise ConfigError naming the first bad field and value; return self."""
+        try:
+            check_name("model", self.model)
+            check_name("version", self.version)
+        except SchemaError as e:
+            raise ConfigError(str(e)) from None
+        if not self.store.is_dir():
+            raise ConfigError(f"store: {str(self.store)!r} is not a directory")
+        if self.local_tables == bool(self.embedding_shards):
+            raise ConfigError(
+                "embedding_shards: give either --embedding-shards or --local-tables, "
+                f"got shards={list(self.embedding_shards)!r} local_tables={self.local_tables}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"device: must be auto, cuda or cpu, got {self.device!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: must be in [0, 65535], got {self.port}")
+        if self.admin_token_file is not None:
+            if not self.admin_token_file.is_file():
+                raise ConfigError(f"admin_token_file: {str(self.admin_token_file)!r} is not a file")
+            if not self.admin_token_file.read_text(encoding="utf-8").strip():
+                raise ConfigError(f"admin_token_file: {str(self.admin_token_file)!r} is empty")
+        positive = {
+            "max_batch_candidates": self.max_batch_candidates, "max_queue": self.max_queue,
+            "max_batches_in_flight": self.max_batches_in_flight,
+            "max_candidates": self.max_candidates, "max_body_bytes": self.max_body_bytes,
+            "default_timeout_ms": self.default_timeout_ms, "max_timeout_ms": self.max_timeout_ms,
+            "prepare_timeout_s": self.prepare_timeout_s, "startup_retry_s": self.startup_retry_s,
+            "drain_timeout_s": self.drain_timeout_s,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{name}: must be > 0, got {value}")
+        for name, fvalue in (("max_batch_wait_ms", self.max_batch_wait_ms),
+                             ("drain_grace_s", self.drain_grace_s),
+                             ("retry_after_s", float(self.retry_after_s))):
+            if not fvalue >= 0:
+                raise ConfigError(f"{name}: must be >= 0, got {fvalue}")
+        if self.max_candidates > self.max_batch_candidates:
+            raise ConfigError(
+                f"max_candidates: {self.max_candidates} exceeds max_batch_candidates "
+                f"{self.max_batch_candidates}; one request must fit one batch")
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ConfigError(f"default_timeout_ms: {self.default_timeout_ms} exceeds "
+                              f"max_timeout_ms {self.max_timeout_ms}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+        return self
+
+    def admin_token(self) -> str | None:
+        """The admin bearer token, or None when the admin API is disabled."""
+        if self.admin_token_file is None:
+            return None
+        return self.admin_token_file.read_text(encoding="utf-8").strip()

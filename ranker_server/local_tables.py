@@ -1,0 +1,106 @@
+"""`--local-tables`: a version's tables read in-process from the store, no gRPC at all.
+
+Used for the hybrid-tax comparison (same pipeline, lookups without the network hop) and
+by users whose tables fit one machine. The tables are opened with the embedding
+server's own table store (checksum-verified, read-only memory maps, torch row gathers),
+imported lazily so a ranker image without FBGEMM still starts; there modelpack's
+TableReader (numpy over the same memory-mapped files) takes its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from embedding_server.client import TableQuery
+from modelpack.hashing import shard_bounds
+from modelpack.manifest import Manifest, verify
+from ranker_server.sources import Packed, PrepareError
+from ranker_server.versions import LoadedVersion
+
+log = logging.getLogger(__name__)
+
+
+class _Gather(Protocol):
+    def gather(self, rows: npt.NDArray[np.int64]) -> Packed: ...
+
+
+class _ServedGather:
+    """Rows of one table over the embedding server's mapped slices (one per row range)."""
+
+    def __init__(self, rows: int, slices: list[tuple[int, torch.Tensor]]) -> None:
+        self.bounds = shard_bounds(rows, len(slices))
+        self.slices = slices
+
+    def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
+        out = np.empty((rows.size, self.slices[0][1].shape[1]), dtype=np.uint8)
+        part = np.searchsorted(self.bounds, rows, side="right") - 1
+        for k, (start, weights) in enumerate(self.slices):
+            sel = np.flatnonzero(part == k)
+            if sel.size:
+                local = torch.from_numpy(rows[sel] - start)
+                out[sel] = weights.index_select(0, local).numpy()
+        return out
+
+
+def open_tables(store: Path, manifest: Manifest) -> dict[str, _Gather]:
+    """Every table of a version, verified against its manifest and mapped read-only."""
+    try:
+        from embedding_server import table_store
+    except ImportError as e:  # no FBGEMM here: same files, numpy gathers
+        log.info("embedding_server.table_store unavailable (%s): using modelpack TableReader", e)
+        from modelpack.scorer import TableReader
+
+        vdir = store / manifest.model / manifest.version
+        verify(vdir, only={t.shard_path(k) for t in manifest.tables for k in range(t.num_shards)})
+        return {t.name: TableReader(vdir, t) for t in manifest.tables}
+    # One "server shard" per file shard (their lcm) so each slice lies inside one file.
+    parts = math.lcm(*(t.num_shards for t in manifest.tables))
+    try:
+        loaded = [table_store.open_version(table_store.plan_version(
+            store, manifest.model, manifest.version, k, parts)) for k in range(parts)]
+    except table_store.StoreError as e:
+        raise ValueError(str(e)) from None
+    if any(lv.fingerprint != manifest.fingerprint for lv in loaded):
+        raise ValueError(f"{manifest.model}/{manifest.version}: tables changed while loading")
+    return {t.name: _ServedGather(t.rows, [(lv.tables[t.name].start, lv.tables[t.name].weights)
+                                           for lv in loaded])
+            for t in manifest.tables}
+
+
+class LocalTables:
+    """TableSource over in-process tables; see the module docstring."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self._tables: dict[str, dict[str, _Gather]] = {}
+
+    def open_version(self, manifest: Manifest) -> None:
+        self._tables[manifest.version] = open_tables(self.store, manifest)
+
+    def close_version(self, version: str) -> None:
+        self._tables.pop(version, None)
+
+    async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
+                     timeout_s: float) -> list[Packed]:
+        tables = self._tables[version.version]
+        # A worker thread, so the event loop stays free exactly as with remote lookups.
+        return await asyncio.to_thread(lambda: [tables[q.table].gather(q.rows) for q in queries])
+
+    async def prepare(self, manifest: Manifest) -> None:
+        if manifest.version not in self._tables:
+            raise PrepareError(f"{manifest.model}/{manifest.version}: local tables not open")
+
+    async def unreachable(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        self._tables.clear()

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one ranker, in a registry of its own (no process-wide globals).
+
+Names use base units (`_seconds`) and `_total` for counters. Labels carry versions,
+outcomes, status codes and error reasons, never request or entity IDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# 0.25 ms .. 10 s: resolves a sub-millisecond CPU forward and a stuck multi-second request.
+_LATENCY = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+            0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+_CANDIDATES = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class Metrics:
+    """Every metric the ranker exports; create one per app."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request_duration = Histogram(
+            "ranker_request_duration_seconds", "Time from admission to response of /v1/rank.",
+            ["version", "outcome"], buckets=_LATENCY, registry=r)
+        self.queue_wait = Histogram(
+            "ranker_queue_wait_seconds", "Time a request waited for its batch to start.",
+            buckets=_LATENCY, registry=r)
+        self.batch_candidates = Histogram(
+            "ranker_batch_candidates", "Candidates per device batch.",
+            buckets=_CANDIDATES, registry=r)
+        self.lookup_duration = Histogram(
+            "ranker_lookup_duration_seconds", "Embedding lookups of one batch, fired to answered.",
+            buckets=_LATENCY, registry=r)
+        self.forward_duration = Histogram(
+            "ranker_device_forward_seconds",
+            "Device work of one batch: dequantize, pool, dense forward, scores back.",
+            buckets=_LATENCY, registry=r)
+        self.version_mismatch = Counter(
+            "ranker_version_mismatch", "Requests failed because a shard answered with another "
+            "version or fingerprint than the request was pinned to.", registry=r)
+        self.errors = Counter(
+            "ranker_errors", "Failed requests by reason.", ["reason"], registry=r)
+        self.requests = Counter(
+            "ranker_requests", "Answered /v1/rank requests by version and HTTP status.",
+            ["version", "code"], registry=r)
+        # A gauge only because a Counter would be renamed ranker_score_sum_total; it only grows
+        # (scores are probabilities), so Δsum / Δranker_scores_total is the mean score.
+        self.score_sum = Gauge(
+            "ranker_score_sum", "Sum of returned scores (with ranker_scores_total: the mean).",
+            ["version"], registry=r)
+        self.scores = Counter(
+            "ranker_scores", "Returned scores (one per candidate).", ["version"], registry=r)
+        self.inflight = Gauge(
+            "ranker_inflight_requests", "Requests pinned to a version and not yet finished.",
+            ["version"], registry=r)
+        self.traffic_share = Gauge(
+            "ranker_traffic_share", "Share of new requests routed to a version.",
+            ["version"], registry=r)
+
+    def forget_version(self, version: str) -> None:
+        """Drop the gauges of an unloaded version so dashboards stop showing it."""
+        for g in (self.inflight, self.traffic_share):
+            with contextlib.suppress(KeyError):
+                g.remove(version)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
