@@ -1,0 +1,142 @@
+"""The controller's one typed configuration, validated at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from deploy_controller.gates import GateConfig
+from deploy_controller.state import validate_canary
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names it and its value."""
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Every knob of the deploy controller; each field has a default and a docstring."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP API listens on."""
+    port: int = 8090
+    """Port of the HTTP API (0 = any free port)."""
+    port_file: Path | None = None
+    """Once the API listens, write its bound port here (first line), atomically."""
+    journal: Path = Path("deploy-journal.sqlite")
+    """SQLite journal file; created if missing. Keep it on durable storage."""
+    admin_token_file: Path | None = None
+    """File holding the bearer token that every mutating API call must present."""
+    fleet_token_file: Path | None = None
+    """Token for the rankers' and shards' admin APIs; defaults to admin_token_file."""
+    discovery: Literal["local", "kubernetes"] = "local"
+    """How the fleet is found: a fleet file, or pods listed through the Kubernetes API."""
+    fleet: Path | None = None
+    """Fleet file (JSON or YAML) for discovery=local."""
+    store: Path | None = None
+    """Model store; when set, a rollout of a version missing there is refused up front."""
+    k8s_namespace: str = "default"
+    """Namespace whose pods discovery=kubernetes lists."""
+    k8s_ranker_selector: str = "app.kubernetes.io/component=ranker"
+    """Label selector of ranker pods."""
+    k8s_shard_selector: str = "app.kubernetes.io/component=embedding-shard"
+    """Label selector of embedding-shard pods."""
+    k8s_ranker_port: int = 8080
+    """Ranker pods' HTTP port."""
+    k8s_shard_port: int = 50051
+    """Embedding-shard pods' gRPC port."""
+    k8s_shard_label: str = "hybrid-serving/shard"
+    """Pod label holding the shard index; without it, StatefulSet ordinal mod k8s_num_shards."""
+    k8s_num_shards: int = 0
+    """Number of shards when the index comes from the pod ordinal (0 = use the label only)."""
+    default_canary: tuple[int, ...] = (5, 25, 100)
+    """Traffic shares (percent) of the canary steps when a rollout names none."""
+    default_bake_s: float = 60.0
+    """Seconds to watch each canary step when a rollout names no bake time."""
+    gate_interval_s: float = 5.0
+    """Seconds between health-gate evaluations during a bake."""
+    gates: GateConfig = field(default_factory=GateConfig)
+    """Health-gate thresholds."""
+    gate_fail_after: int = 2
+    """Consecutive failing gate evaluations that fail a bake (a single blip is tolerated)."""
+    gate_max_failures: int = 3
+    """Failing evaluations in one bake, consecutive or not, that fail it as flapping."""
+    step_attempts: int = 4
+    """Tries of one server call that failed in a retryable way (timeout, 5xx, 409)."""
+    retry_backoff_s: float = 0.5
+    """First pause between tries; doubles each time."""
+    ranker_unload_timeout_s: float = 30.0
+    """How long a ranker may wait for a version's in-flight requests when unloading it."""
+    shard_drain_timeout_s: float = 30.0
+    """How long a shard may wait for a version's in-flight lookups when unloading it."""
+    http_timeout_s: float = 120.0
+    """Timeout of one ranker admin call (loading a dense model can take a while)."""
+    grpc_timeout_s: float = 600.0
+    """Timeout of one shard LoadVersion (verifies every checksum of the tables)."""
+    max_unsupervised_s: float = 300.0
+    """On restart, a canary left without gates for longer than this is rolled back."""
+    crash_at: str = ""
+    """Testing only: `STEP:begin|end` kills this process with SIGKILL at that journal write."""
+
+    def validate(self) -> ControllerConfig:
+        """Raise ConfigError naming the first bad value; returns self."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.admin_token_file is None:
+            raise ConfigError("admin_token_file is required: mutating calls need a bearer token")
+        for name in ("admin_token_file", "fleet_token_file"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ConfigError(f"{name} {p} is not a readable file")
+        if self.discovery not in ("local", "kubernetes"):
+            raise ConfigError(f"discovery must be 'local' or 'kubernetes', got {self.discovery!r}")
+        if self.discovery == "local" and self.fleet is None:
+            raise ConfigError("discovery=local needs a fleet file (--fleet FILE)")
+        if self.store is not None and not Path(self.store).is_dir():
+            raise ConfigError(f"store {self.store} is not a directory")
+        try:
+            validate_canary(self.default_canary)
+            self.gates.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name in ("default_bake_s", "ranker_unload_timeout_s", "shard_drain_timeout_s",
+                     "max_unsupervised_s", "retry_backoff_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gate_interval_s", "http_timeout_s", "grpc_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gate_fail_after", "gate_max_failures", "step_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k8s_num_shards < 0:
+            raise ConfigError(f"k8s_num_shards must be >= 0, got {self.k8s_num_shards}")
+        if self.crash_at and not self.crash_at.endswith((":begin", ":end")):
+            raise ConfigError(f"crash_at must be STEP:begin or STEP:end, got {self.crash_at!r}")
+        return self
+
+    def read_token(self, fleet: bool = False) -> str:
+        path = self.fleet_token_file if fleet and self.fleet_token_file else self.admin_token_file
+        if path is None:
+            raise ConfigError("no token file configured")
+        token = Path(path).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ConfigError(f"token file {path} is empty")
+        return token
+
+
+def field_docs(cls: type = ControllerConfig) -> dict[str, str]:
+    """Dataclass field name -> the first line of the docstring below it (for --help)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(tree, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for node, nxt in zip(tree.body, tree.body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = str(nxt.value.value).strip().splitlines()[0]
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in docs.items() if k in known}

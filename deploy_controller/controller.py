@@ -1,0 +1,196 @@
+"""The controller's operations, as the HTTP API and the CLI see them.
+
+It checks a request against the fleet before anything is journaled (names, the
+version in the store, one agreed active version, memory fit), starts one asyncio task
+per running rollout, recovers interrupted rollouts at startup, and cancels running
+tasks at shutdown (a cancelled step is simply an interrupted one: the next start
+resumes or rolls it back, see recovery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from deploy_controller import steps
+from deploy_controller.config import ControllerConfig
+from deploy_controller.executor import Executor
+from deploy_controller.fleet import Fleet
+from deploy_controller.journal import ActiveRolloutError, Journal, Rollout
+from deploy_controller.metrics import ControllerMetrics
+from deploy_controller.recovery import recover
+from deploy_controller.state import Phase, Status, abortable, validate_canary
+from deploy_controller.steps import Ctx, StepFailed
+from modelpack.schema import SchemaError, check_name
+
+log = logging.getLogger(__name__)
+
+
+class ControllerError(Exception):
+    """A refused request; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig, journal: Journal, fleet: Fleet,
+                 metrics: ControllerMetrics | None = None, executor: Executor | None = None
+                 ) -> None:
+        self.cfg = cfg
+        self.journal = journal
+        self.fleet = fleet
+        self.metrics = metrics or ControllerMetrics()
+        self.executor = executor or Executor(journal, fleet, cfg, self.metrics)
+        self._tasks: dict[str, asyncio.Task[Rollout]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Recover whatever a previous process left running, and run it on."""
+        for rid, _ in recover(self.journal, time.time(), self.cfg.max_unsupervised_s,
+                              self.metrics):
+            self._spawn(rid)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def wait(self, rollout_id: str) -> Rollout:
+        """Until the rollout's task ends (tests and the CLI's in-process uses)."""
+        task = self._tasks.get(rollout_id)
+        if task is not None:
+            await asyncio.wait({task})
+        got = self.journal.get(rollout_id)
+        if got is None:
+            raise ControllerError(404, f"no rollout {rollout_id}")
+        return got
+
+    def _spawn(self, rollout_id: str) -> None:
+        task = asyncio.create_task(self.executor.run(rollout_id), name=f"rollout-{rollout_id}")
+        self._tasks[rollout_id] = task
+
+        def done(t: asyncio.Task[Rollout]) -> None:
+            self._tasks.pop(rollout_id, None)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("rollout %s task died: %r", rollout_id, t.exception())
+
+        task.add_done_callback(done)
+
+    # ------------------------------------------------------------------ operations
+
+    async def create(self, model: str, version: str, canary: Sequence[int] | None = None,
+                     bake_s: float | None = None) -> Rollout:
+        try:
+            check_name("model", model)
+            check_name("version", version)
+            shares = validate_canary(canary if canary is not None else self.cfg.default_canary)
+        except (SchemaError, ValueError) as e:
+            raise ControllerError(422, str(e)) from None
+        bake = self.cfg.default_bake_s if bake_s is None else float(bake_s)
+        if not 0 <= bake <= 86400:
+            raise ControllerError(422, f"bake_s must be in [0, 86400], got {bake}")
+        if self.cfg.store is not None and not (self.cfg.store / model / version
+                                               / "manifest.json").is_file():
+            raise ControllerError(404, f"no version {model}/{version} in store {self.cfg.store}")
+        for r in self.journal.active(model):
+            raise ControllerError(409, f"model {model!r} already has an active rollout {r.id} "
+                                  f"({r.from_version} -> {r.to_version}, {r.step.name})")
+        old = await self._active_version(model)
+        if old == version:
+            raise ControllerError(409, f"{model}/{version} is already the active version")
+        await self._check_fit(model, old, version)
+        try:
+            r = self.journal.create(model, old, version, shares, bake)
+        except ActiveRolloutError as e:
+            raise ControllerError(409, str(e)) from None
+        log.info("rollout %s: %s %s -> %s, canary %s, bake %.0f s", r.id, model, old, version,
+                 shares, bake)
+        self._spawn(r.id)
+        return r
+
+    def _ctx(self, model: str, old: str = "", new: str = "") -> Ctx:
+        return Ctx(self.fleet, self.cfg, model, old, new, [100])
+
+    async def _active_version(self, model: str) -> str:
+        """The one version every ranker of the model serves alone, else 409."""
+        try:
+            statuses = await steps.discover(self._ctx(model))
+        except StepFailed as e:
+            status = 503 if e.code == "ranker_unreachable" else 409
+            raise ControllerError(status, f"cannot start a rollout: {e.message}") from None
+        actives = {u: (st.active, tuple(sorted(v for v, s in st.split.items() if s > 0)))
+                   for u, st in statuses.items()}
+        seen = set(actives.values())
+        if len(seen) != 1:
+            raise ControllerError(409, "rankers disagree on what they serve: " + ", ".join(
+                f"{u}: active {a}, traffic on {list(t)}" for u, (a, t) in actives.items()))
+        active, traffic = seen.pop()
+        if active is None or traffic != (active,):
+            raise ControllerError(409, f"rankers of {model} are not serving one version alone "
+                                  f"(active {active}, traffic on {list(traffic)}); "
+                                  "finish or roll back that first")
+        return active
+
+    async def _check_fit(self, model: str, old: str, new: str) -> None:
+        try:
+            await steps.check_fit(self._ctx(model, old, new))
+        except StepFailed as e:
+            status = 507 if e.code == "does_not_fit" else 409
+            raise ControllerError(status, f"refused: {e.message}") from None
+
+    def get(self, rollout_id: str) -> dict[str, Any]:
+        r = self.journal.get(rollout_id)
+        if r is None:
+            raise ControllerError(404, f"no rollout {rollout_id}")
+        return {**r.to_json(), **self.executor.progress(rollout_id)}
+
+    def abort(self, rollout_id: str, reason: str = "") -> Rollout:
+        r = self.journal.get(rollout_id, events=False)
+        if r is None:
+            raise ControllerError(404, f"no rollout {rollout_id}")
+        if not r.active:
+            raise ControllerError(409, f"rollout {rollout_id} already ended ({r.status})")
+        if r.status is Status.ROLLING_BACK:
+            return r  # already going back: nothing more to do
+        if r.step.phase is Phase.RETIRE or not abortable(r.step):
+            raise ControllerError(409, f"rollout {rollout_id} is retiring {r.from_version}: "
+                                  f"too late to abort; once it ends, `rollback {r.model}` "
+                                  f"rolls back to {r.from_version}")
+        self.journal.request_abort(rollout_id, reason or "operator")
+        self.executor.signal_abort(rollout_id, reason)
+        log.warning("rollout %s: abort requested (%s)", rollout_id, reason or "no reason given")
+        got = self.journal.get(rollout_id, events=False)
+        assert got is not None
+        return got
+
+    async def rollback(self, model: str, reason: str = "",
+                       bake_s: float | None = None) -> Rollout:
+        """Abort the model's active rollout, or roll the fleet back to the version before."""
+        try:
+            check_name("model", model)
+        except SchemaError as e:
+            raise ControllerError(422, str(e)) from None
+        for r in self.journal.active(model):
+            return self.abort(r.id, reason or "rollback requested")
+        done = [r for r in self.journal.history(model, limit=1000)
+                if r.status is Status.SUCCEEDED]
+        if not done:
+            raise ControllerError(409, f"no completed rollout of {model} to roll back")
+        last = done[0]
+        return await self.create(model, last.from_version, [100],
+                                 0.0 if bake_s is None else bake_s)
+
+    def history(self, model: str | None = None, limit: int = 50) -> list[Rollout]:
+        return self.journal.history(model, limit)
+
+    def running(self) -> list[str]:
+        return list(self._tasks)
