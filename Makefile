@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(PY) -m modelpack demo --store $(STORE)
 
 test: $(STAMP)
+	bash k8s/tools/ensure-kustomize.sh $(VENV)
 	$(PY) -m pytest -q tests
 	$(MAKE) lint
 
