@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -68,6 +69,10 @@ def build_server(cfg: ServerConfig, servicer: EmbeddingServicer, health_servicer
 def serve(cfg: ServerConfig) -> int:
     """Run one server process until SIGTERM/SIGINT; returns the exit code."""
     setup_logging(cfg.log_level)
+    # One intra-op thread: each lookup is a small kernel call and concurrency comes from
+    # gRPC threads and --workers processes. Several OpenMP teams spinning on 2 cores made
+    # concurrent FBGEMM calls thousands of times slower (seen: a test stuck for 26 min).
+    torch.set_num_threads(1)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -479,8 +479,10 @@ def test_sigterm_drains_in_flight_lookups_and_exits_zero(store: Path, tmp_path: 
     with srv:
         stub = stub_of(grpc.insecure_channel(srv.address))
 
+        stop = threading.Event()
+
         def client() -> None:  # keeps lookups in flight until the server refuses them
-            while True:
+            while not stop.is_set():
                 try:
                     resp = lookup(stub, *req, timeout=30)
                     got = np.frombuffer(b"".join(r.data for r in resp.results), np.float32)
@@ -494,11 +496,15 @@ def test_sigterm_drains_in_flight_lookups_and_exits_zero(store: Path, tmp_path: 
         with ThreadPoolExecutor(4) as pool:
             for _ in range(4):
                 pool.submit(client)
-            deadline = time.monotonic() + 20
-            while not re.search(r"^embedding_inflight_requests [1-9]", _scrape(srv.metrics_port), re.M):
-                assert time.monotonic() < deadline, "no lookup ever in flight"
-            srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-            assert srv.proc.wait(timeout=30) == 0  # type: ignore[union-attr]
+            try:
+                deadline = time.monotonic() + 20
+                while not re.search(r"^embedding_inflight_requests [1-9]", _scrape(srv.metrics_port),
+                                    re.M):
+                    assert time.monotonic() < deadline, "no lookup ever in flight"
+                srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                assert srv.proc.wait(timeout=30) == 0  # type: ignore[union-attr]
+            finally:
+                stop.set()  # a failed assertion must not leave the clients looping forever
     log = srv.log_tail()
     m = re.search(r"draining: (\d+) lookups in flight", log)
     assert m and "stopped: 0 lookups still running were cancelled" in log, log
