@@ -181,12 +181,15 @@ class EmbeddingClient:
         ]
         answers = await asyncio.gather(
             *(self._call(k, r, deadline) for k, r in enumerate(requests)))
+        # Without a fingerprint to check, the shards must at least agree with each other:
+        # two builds published under one version name must never be merged into one answer.
+        expected = fingerprint or (answers[0].fingerprint if answers else "")
         for k, a in enumerate(answers):
-            if a.model != model or a.version != version or (
-                    fingerprint and a.fingerprint != fingerprint):
+            if a.model != model or a.version != version or a.fingerprint != expected:
                 raise VersionMismatchError(
                     f"shard {k} answered {a.model}/{a.version} ({a.fingerprint[:19]}) for a lookup "
-                    f"of {model}/{version} ({fingerprint[:19]})", None, k)
+                    f"of {model}/{version} ({expected[:19]}"
+                    f"{'' if fingerprint else ', as shard 0 answered'})", None, k)
             if a.shard != k or a.num_shards != self.num_shards or len(a.results) != len(queries):
                 raise EmbeddingLookupError(
                     f"shard {k} answered as shard {a.shard}/{a.num_shards} with "
