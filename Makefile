@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STORE ?= demo_store
 
-.PHONY: demo test lint protos bench clean
+.PHONY: demo up down test lint protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m modelpack demo --store $(STORE)
+	$(PY) -m loadtest.demo --store $(STORE)
+
+up: $(STAMP)
+	$(PY) -m loadtest.stack up --store $(STORE)
+
+down:
+	$(PY) -m loadtest.stack down
 
 test: $(STAMP)
 	bash k8s/tools/ensure-kustomize.sh $(VENV)
@@ -31,4 +37,5 @@ protos: $(STAMP)
 	$(PY) -m protos.generate
 
 clean:
-	rm -rf $(VENV) $(STORE) .pytest_cache .mypy_cache .ruff_cache
+	-$(PY) -m loadtest.stack down
+	rm -rf $(VENV) $(STORE) build .pytest_cache .mypy_cache .ruff_cache

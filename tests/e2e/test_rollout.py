@@ -15,15 +15,11 @@ adds every step's begin too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,204 +28,23 @@ import pytest
 
 from deploy_controller import cli
 from deploy_controller.state import plan
-from modelpack.demo import DemoSize, build_demo_store
-from modelpack.manifest import parse_manifest, write_manifest
-from tests.servers import ServerProcess, start_all
+from tests.stack import AUTH, MODEL, Load, Stack, start_stack
 
 pytestmark = pytest.mark.slow
 
-MODEL = "ads_ctr"
-TOKEN = "e2e-admin-token"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
 CANARY = [50, 100]
 GATES = ("--gate-interval-s", "0.4", "--gate-min-requests", "10", "--gate-p99-slack-s", "0.25",
          "--gate-max-score-drift", "0.5", "--retry-backoff-s", "0.2")
 
 
-def _ready(s: ServerProcess) -> bool:
-    try:
-        return httpx.get(f"http://{s.address}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _serving(s: ServerProcess) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(s.address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="hybrid.embedding.v1.EmbeddingService"),
-                timeout=1)
-        except grpc.RpcError:
-            return False
-    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo_store")
-    build_demo_store(root, DemoSize(rows=4000, requests=500, eval_requests=60), progress=False)
-    # v2bad: v2 under another name with one flipped bit in shard 1's table file.
-    bad = root / MODEL / "v2bad"
-    shutil.copytree(root / MODEL / "v2", bad)
-    m = parse_manifest(json.loads((bad / "manifest.json").read_text()))
-    write_manifest(bad, replace(m, version="v2bad"))
-    table = next(p for p in sorted((bad / "tables").rglob("shard-1-of-*.bin")))
-    data = bytearray(table.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    table.write_bytes(bytes(data))
-    return root
-
-
-@dataclass
-class Stack:
-    store: Path
-    dir: Path
-    token: Path
-    fleet_file: Path
-    ranker: ServerProcess
-    shards: list[ServerProcess]
-    requests: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ranker_url(self) -> str:
-        return f"http://{self.ranker.address}"
-
-    def controller(self, name: str, journal: Path, *extra: str,
-                   crash_at: str = "") -> ServerProcess:
-        env = {"DEPLOY_CONTROLLER_CRASH_AT": crash_at} if crash_at else {}
-        return ServerProcess.module(
-            "deploy_controller", "--journal", str(journal), "--admin-token-file",
-            str(self.token), "--discovery", "local", "--fleet", str(self.fleet_file),
-            "--store", str(self.store), *GATES, *extra, log_dir=self.dir, name=name, env=env)
-
-    def ranker_status(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.ranker_url}/admin/v1/versions", headers=AUTH, timeout=10)
-        r.raise_for_status()
-        return dict(r.json())
-
-    def shard_versions(self) -> list[dict[str, str]]:
-        import grpc
-
-        from protos import embedding_pb2 as pb
-        from protos import embedding_pb2_grpc as pbg
-
-        out = []
-        for s in self.shards:
-            with grpc.insecure_channel(s.address) as ch:
-                resp = pbg.EmbeddingServiceStub(ch).ListVersions(  # type: ignore[no-untyped-call]
-                    pb.ListVersionsRequest(model=MODEL), timeout=5)
-            out.append({v.version: pb.VersionState.Name(v.state) for v in resp.versions})
-        return out
-
-    def mismatches(self) -> float:
-        text = httpx.get(f"{self.ranker_url}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("ranker_version_mismatch_total"))
-
-    def assert_consistent(self, version: str) -> None:
-        """Exactly one version everywhere, prepared on the ranker and READY on every shard."""
-        st = self.ranker_status()
-        assert st["active"] == version and st["split"] == {version: 1.0}, st
-        assert [v["version"] for v in st["versions"]] == [version], st
-        assert st["versions"][0]["state"] == "active"
-        assert self.shard_versions() == [{version: "VERSION_STATE_READY"}] * len(self.shards)
+# `store` (the small demo store with v2bad, one flipped bit in shard 1) is the session
+# fixture of tests/e2e/conftest.py, shared with the reliability tests.
 
 
 @pytest.fixture(scope="module")
 def stack(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    d = tmp_path_factory.mktemp("stack")
-    token = d / "token"
-    token.write_text(TOKEN + "\n")
-    shards = [ServerProcess.module(
-        "embedding_server", "--store", str(store), "--shard", str(k), "--num-shards", "2",
-        "--preload", f"{MODEL}/v1", "--admin-token-file", str(token), "--drain-timeout", "10",
-        log_dir=d, name=f"shard{k}", ready=_serving) for k in range(2)]
-    start_all(shards)
-    ranker = ServerProcess.module(
-        "ranker_server", "--store", str(store), "--model", MODEL, "--version", "v1",
-        "--embedding-shards", ",".join(s.address for s in shards), "--device", "cpu",
-        "--admin-token-file", str(token), log_dir=d, name="ranker", ready=_ready)
-    try:
-        ranker.start().wait_ready()
-    except BaseException:
-        for s in shards:
-            s.stop(signal.SIGKILL)
-        raise
-    fleet_file = d / "fleet.json"
-    fleet_file.write_text(json.dumps({"rankers": [f"http://{ranker.address}"],
-                                      "embedding_shards": [[s.address] for s in shards]}))
-    reqs = []
-    for line in (store / MODEL / "v1" / "eval.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("labels", None)
-        r.pop("version", None)  # never pin: the split decides
-        reqs.append(r)
-    try:
-        yield Stack(store, d, token, fleet_file, ranker, shards, reqs)
-    finally:
-        ranker.stop()
-        for s in shards:
-            s.stop()
-
-
-@dataclass
-class Result:
-    t0: float
-    t1: float
-    status: int
-    version: str
-
-
-class Load:
-    """Steady closed-loop load on the ranker from `threads` threads, bounded in count and time."""
-
-    def __init__(self, stack: Stack, threads: int = 2, max_requests: int = 40_000,
-                 max_s: float = 240.0) -> None:
-        self.stack, self.threads = stack, threads
-        self.max_requests, self.max_s = max_requests, max_s
-        self.results: list[Result] = []
-        self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def _run(self, offset: int) -> None:
-        deadline = time.monotonic() + self.max_s
-        reqs = self.stack.requests
-        with httpx.Client(base_url=self.stack.ranker_url, timeout=10) as c:
-            i = offset
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                with self._lock:
-                    if len(self.results) >= self.max_requests:
-                        return
-                body = reqs[i % len(reqs)]
-                i += self.threads
-                t0 = time.time()
-                try:
-                    resp = c.post("/v1/rank", json=body)
-                    status = resp.status_code
-                    version = resp.json().get("version", "") if status == 200 else resp.text
-                except httpx.HTTPError as e:
-                    status, version = -1, repr(e)
-                with self._lock:
-                    self.results.append(Result(t0, time.time(), status, version))
-
-    def __enter__(self) -> Load:
-        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                         for i in range(self.threads)]
-        for w in self._workers:
-            w.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for w in self._workers:
-            w.join(15)
-
-    def failures(self) -> list[Result]:
-        return [r for r in self.results if r.status != 200]
+    with start_stack(store, tmp_path_factory.mktemp("stack"), gates=GATES) as s:
+        yield s
 
 
 def _rollout(c: httpx.Client, version: str, bake_s: float) -> str:
