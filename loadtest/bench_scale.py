@@ -49,7 +49,7 @@ import grpc
 import numpy as np
 import torch
 
-from loadtest.bench_embedding import (
+from loadtest.lookup_harness import (
     CLIENT_CPU,
     MODEL,
     RESULTS,
