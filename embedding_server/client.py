@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpack.hashing import shard_bounds
+from modelpack.lookup import TableQuery, split_rows
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pb_grpc
 
@@ -55,23 +56,6 @@ class EmbeddingLookupError(Exception):
 
 class VersionMismatchError(EmbeddingLookupError):
     """A shard answered with another model version or fingerprint than requested."""
-
-
-@dataclass
-class TableQuery:
-    """One table's part of a logical lookup.
-
-    rows: int64 global row ids; offsets: int64 (bags + 1) or None for one row per bag;
-    pooling: none|sum|mean; output: int4 (pooling none only) | fp16 | fp32.
-    """
-
-    table: str
-    num_rows: int
-    dim: int
-    rows: npt.NDArray[np.int64]
-    offsets: npt.NDArray[np.int64] | None = None
-    pooling: str = "none"
-    output: str = "int4"
 
 
 def replicas_target(addresses: Sequence[str]) -> str:
@@ -115,20 +99,14 @@ class EmbeddingClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     def _split(self, q: TableQuery) -> list[_Part]:
-        s = self.num_shards
-        bounds = shard_bounds(q.num_rows, s)
-        shard = np.searchsorted(bounds, q.rows, side="right") - 1
-        order = np.argsort(shard, kind="stable")  # keeps bag order within each shard
-        counts = np.bincount(shard, minlength=s)
-        starts = np.concatenate([[0], np.cumsum(counts)])
+        by_shard = split_rows(q.rows, shard_bounds(q.num_rows, self.num_shards))
         pooled = q.pooling != "none"
         if pooled:
             assert q.offsets is not None
             bag = np.searchsorted(q.offsets, np.arange(q.rows.size), side="right") - 1
             num_bags = q.offsets.size - 1
         parts = []
-        for k in range(s):
-            idx = order[starts[k]:starts[k + 1]]
+        for idx in by_shard:
             req = pb.TableLookup(table=q.table, rows=q.rows[idx].astype("<i8").tobytes())
             if pooled:
                 per_bag = np.bincount(bag[idx], minlength=num_bags)
@@ -141,7 +119,7 @@ class EmbeddingClient:
             else:
                 req.pooling = pb.POOLING_NONE
                 req.output = OUTPUT[q.output]
-            parts.append(_Part(idx.astype(np.int64), req))
+            parts.append(_Part(idx, req))
         return parts
 
     async def _call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:

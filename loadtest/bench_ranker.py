@@ -284,7 +284,7 @@ def pipeline_overlap_ab(shards: Sequence[ServerProcess], vdir: Path, body: bytes
     from ranker_server.device import Device
     from ranker_server.metrics import Metrics
     from ranker_server.pipeline import Pipeline
-    from ranker_server.sources import RemoteTables
+    from ranker_server.remote_tables import RemoteTables
     from ranker_server.versions import LoadedVersion
 
     m = read_manifest(vdir)

@@ -74,5 +74,10 @@ def shard_of(rows: npt.NDArray[np.int64], num_rows: int, num_shards: int
         bad = r[(r < 0) | (r >= num_rows)][0]
         raise ValueError(f"row {int(bad)} outside table of {num_rows} rows")
     bounds = shard_bounds(num_rows, num_shards)
-    shard = np.searchsorted(bounds, r, side="right").astype(np.int64) - 1
+    shard = shard_index(r, bounds)
     return shard, r - bounds[shard]
+
+
+def shard_index(rows: npt.NDArray[np.int64], bounds: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The shard (index into `bounds` from shard_bounds) holding each global row; no range check."""
+    return np.searchsorted(bounds, rows, side="right").astype(np.int64) - 1

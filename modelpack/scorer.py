@@ -16,7 +16,7 @@ import numpy.typing as npt
 import torch
 
 from modelpack.dense import load_dense
-from modelpack.hashing import shard_bounds
+from modelpack.lookup import Packed, gather_rows
 from modelpack.manifest import Manifest, read_manifest
 from modelpack.requests import DecodedRequest, FeatureRows, decode_request, plan_rows
 from modelpack.schema import FeatureSchema, TableSpec
@@ -28,21 +28,15 @@ class TableReader:
 
     def __init__(self, version_dir: Path, spec: TableSpec) -> None:
         self.spec = spec
-        self.bounds = shard_bounds(spec.rows, spec.num_shards)
         self.maps = [
             np.memmap(version_dir / spec.shard_path(k), dtype=np.uint8, mode="r").reshape(
                 -1, spec.row_bytes)
             for k in range(spec.num_shards)
         ]
 
-    def gather(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
-        out = np.empty((rows.size, self.spec.row_bytes), dtype=np.uint8)
-        shard = np.searchsorted(self.bounds, rows, side="right") - 1
-        for k, m in enumerate(self.maps):
-            sel = np.flatnonzero(shard == k)
-            if sel.size:
-                out[sel] = m[rows[sel] - self.bounds[k]]
-        return out
+    def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
+        return gather_rows(rows, self.spec.rows, len(self.maps), self.spec.row_bytes,
+                           lambda k, local: np.asarray(self.maps[k][local]))
 
 
 def assemble_sparse(schema: FeatureSchema, pooled: list[torch.Tensor], n: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ from ranker_server.lifecycle import Lifecycle
 from ranker_server.local_tables import LocalTables
 from ranker_server.metrics import Metrics
 from ranker_server.pipeline import Pipeline
-from ranker_server.sources import RemoteTables, TableSource
+from ranker_server.remote_tables import RemoteTables
+from ranker_server.sources import TableSource
 from ranker_server.versions import AdminError, VersionRegistry
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from embedding_server.client import TableQuery
-from modelpack.hashing import shard_bounds
+from modelpack.lookup import Packed, TableQuery, gather_rows
 from modelpack.manifest import Manifest, verify
-from ranker_server.sources import Packed, PrepareError
+from ranker_server.sources import PrepareError
 from ranker_server.versions import LoadedVersion
 
 log = logging.getLogger(__name__)
@@ -36,19 +35,13 @@ class _Gather(Protocol):
 class _ServedGather:
     """Rows of one table over the embedding server's mapped slices (one per row range)."""
 
-    def __init__(self, rows: int, slices: list[tuple[int, torch.Tensor]]) -> None:
-        self.bounds = shard_bounds(rows, len(slices))
+    def __init__(self, rows: int, slices: list[torch.Tensor]) -> None:
+        self.rows = rows
         self.slices = slices
 
     def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
-        out = np.empty((rows.size, self.slices[0][1].shape[1]), dtype=np.uint8)
-        part = np.searchsorted(self.bounds, rows, side="right") - 1
-        for k, (start, weights) in enumerate(self.slices):
-            sel = np.flatnonzero(part == k)
-            if sel.size:
-                local = torch.from_numpy(rows[sel] - start)
-                out[sel] = weights.index_select(0, local).numpy()
-        return out
+        return gather_rows(rows, self.rows, len(self.slices), self.slices[0].shape[1],
+                           lambda k, local: self.slices[k].index_select(0, torch.from_numpy(local)).numpy())
 
 
 def open_tables(store: Path, manifest: Manifest) -> dict[str, _Gather]:
@@ -71,8 +64,7 @@ def open_tables(store: Path, manifest: Manifest) -> dict[str, _Gather]:
         raise ValueError(str(e)) from None
     if any(lv.fingerprint != manifest.fingerprint for lv in loaded):
         raise ValueError(f"{manifest.model}/{manifest.version}: tables changed while loading")
-    return {t.name: _ServedGather(t.rows, [(lv.tables[t.name].start, lv.tables[t.name].weights)
-                                           for lv in loaded])
+    return {t.name: _ServedGather(t.rows, [lv.tables[t.name].weights for lv in loaded])
             for t in manifest.tables}
 
 

@@ -1,4 +1,4 @@
-"""One device batch, start to finish, in DESIGN.md's order.
+"""One device batch, start to finish (docs/architecture.md, "one ranking request").
 
 hash IDs to rows (modelpack.plan_rows over the merged batch) -> fire ONE lookup for the
 batch (the client sends one Lookup per shard carrying every table) -> while it is in
@@ -14,22 +14,38 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from embedding_server.client import TableQuery
+from modelpack.lookup import Packed, TableQuery
 from modelpack.requests import DecodedRequest, FeatureRows, SparseColumn, plan_rows
 from modelpack.schema import FeatureSchema
 from modelpack.scorer import pool_feature_rows
 from ranker_server.device import Device
-from ranker_server.metrics import Metrics
-from ranker_server.sources import Packed, TableSource
+from ranker_server.sources import TableSource
 from ranker_server.versions import LoadedVersion
 
 T = TypeVar("T")
+
+
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class PipelineMetrics(Protocol):
+    """What the pipeline records (ranker_server.metrics.Metrics has it; so can a benchmark)."""
+
+    @property
+    def lookup_duration(self) -> Observer: ...
+
+    @property
+    def forward_duration(self) -> Observer: ...
+
+    @property
+    def batch_candidates(self) -> Observer: ...
 
 
 @dataclass
@@ -118,7 +134,7 @@ def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
 class Pipeline:
     """Runs batches for any loaded version against one table source on one device."""
 
-    def __init__(self, device: Device, source: TableSource, metrics: Metrics, *,
+    def __init__(self, device: Device, source: TableSource, metrics: PipelineMetrics, *,
                  serial_lookups: bool = False) -> None:
         self.device = device
         self.source = source

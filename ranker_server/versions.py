@@ -14,14 +14,16 @@ import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from modelpack.manifest import Manifest
 from modelpack.schema import FeatureSchema, TableSpec
 from ranker_server.errors import RankError
-from ranker_server.metrics import Metrics
+
+if TYPE_CHECKING:  # prometheus stays out of the pipeline's imports
+    from ranker_server.metrics import Metrics
 
 SPLIT_TOLERANCE = 1e-6
 

@@ -30,14 +30,10 @@ import numpy.typing as npt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_server.client import (
-    EmbeddingClient,
-    EmbeddingLookupError,
-    TableQuery,
-    VersionMismatchError,
-)
+from embedding_server.client import EmbeddingClient, EmbeddingLookupError, VersionMismatchError
 from modelpack.hashing import shard_of
 from modelpack.int4 import dequantize_rows
+from modelpack.lookup import TableQuery
 from modelpack.manifest import read_manifest
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg

@@ -11,8 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from embedding_server.client import EmbeddingLookupError, TableQuery, VersionMismatchError
+from embedding_server.client import EmbeddingLookupError, VersionMismatchError
 from modelpack.dense import load_dense
+from modelpack.lookup import Packed, TableQuery
 from modelpack.manifest import Manifest
 from modelpack.requests import decode_request
 from modelpack.scorer import OfflineScorer, TableReader
@@ -21,7 +22,8 @@ from ranker_server.device import Device
 from ranker_server.errors import RankError
 from ranker_server.metrics import Metrics
 from ranker_server.pipeline import Pipeline
-from ranker_server.sources import Packed, PrepareError, RemoteTables
+from ranker_server.remote_tables import RemoteTables
+from ranker_server.sources import PrepareError
 from ranker_server.versions import LoadedVersion
 from tests.helpers_store import TINY_SCHEMA, tiny_request, tiny_version
 

@@ -1,0 +1,57 @@
+"""The lookup contract between the tiers: what a ranker asks for, what it gets back, where rows live.
+
+Both tiers and every table source (remote shards, in-process tables, the offline scorer)
+import these, so none of them needs grpc to speak about lookups. Rows are global table
+rows; shard k of S holds the contiguous range [k*R//S, (k+1)*R//S) (modelpack.hashing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from modelpack.hashing import shard_bounds, shard_index
+
+# Packed INT4 rows, one per looked-up row: uint8 (rows, 4 + dim/2) in FBGEMM's TBE layout.
+Packed = npt.NDArray[np.uint8]
+
+
+@dataclass
+class TableQuery:
+    """One table's part of a logical lookup.
+
+    rows: int64 global row ids; offsets: int64 (bags + 1) or None for one row per bag;
+    pooling: none|sum|mean; output: int4 (pooling none only) | fp16 | fp32.
+    """
+
+    table: str
+    num_rows: int
+    dim: int
+    rows: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64] | None = None
+    pooling: str = "none"
+    output: str = "int4"
+
+
+def split_rows(rows: npt.NDArray[np.int64], bounds: npt.NDArray[np.int64]
+               ) -> list[npt.NDArray[np.int64]]:
+    """Per shard (of `bounds`), the positions in `rows` it holds, ascending (bag order kept)."""
+    shard = shard_index(rows, bounds)
+    order = np.argsort(shard, kind="stable")
+    starts = np.zeros(bounds.size, dtype=np.int64)
+    np.cumsum(np.bincount(shard, minlength=bounds.size - 1), out=starts[1:])
+    return [order[starts[k]:starts[k + 1]].astype(np.int64) for k in range(bounds.size - 1)]
+
+
+def gather_rows(rows: npt.NDArray[np.int64], num_rows: int, num_parts: int, width: int,
+                take: Callable[[int, npt.NDArray[np.int64]], Packed]) -> Packed:
+    """Packed rows from a table split in `num_parts` row ranges; take(k, local rows) reads part k."""
+    bounds = shard_bounds(num_rows, num_parts)
+    out = np.empty((rows.size, width), dtype=np.uint8)
+    for k, pos in enumerate(split_rows(rows, bounds)):
+        if pos.size:
+            out[pos] = take(k, rows[pos] - bounds[k])
+    return out

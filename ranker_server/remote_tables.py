@@ -1,0 +1,118 @@
+"""TableSource over the embedding shards, through embedding_server.client (the one door).
+
+One Lookup per shard per batch; the client's errors become RankErrors with the HTTP
+status an ads backend can act on, and a shard serving another build is a
+version_mismatch (the alarm), never a score.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from embedding_server.client import EmbeddingClient, EmbeddingLookupError, VersionMismatchError
+from modelpack.lookup import Packed, TableQuery
+from modelpack.manifest import Manifest
+from ranker_server.errors import RankError
+from ranker_server.sources import PrepareError
+from ranker_server.versions import LoadedVersion
+
+log = logging.getLogger(__name__)
+_READY = 2  # embedding_pb2.VERSION_STATE_READY, spelled out to keep protos' enum out of types
+_REACHABLE_CACHE_S = 1.0
+
+
+class RemoteTables:
+    """Embedding shards behind embedding_server.client: one Lookup per shard per batch."""
+
+    def __init__(self, shards: Sequence[Sequence[str]], prepare_timeout_s: float) -> None:
+        self.client = EmbeddingClient(shards)
+        self.prepare_timeout_s = prepare_timeout_s
+        self._reach: tuple[float, str | None] = (-1.0, None)
+
+    async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
+                     timeout_s: float) -> list[Packed]:
+        m = version.manifest
+        try:
+            out = await self.client.lookup(m.model, m.version, m.fingerprint, queries,
+                                           timeout_s=timeout_s)
+        except VersionMismatchError as e:
+            raise _mismatch(m, str(e)) from None
+        except EmbeddingLookupError as e:
+            raise _lookup_error(m, e) from None
+        return [np.asarray(a, dtype=np.uint8) for a in out]
+
+    async def prepare(self, manifest: Manifest) -> None:
+        """Every replica of every shard must list this version READY with our fingerprint."""
+        want = f"{manifest.model}/{manifest.version}"
+        try:
+            answers = await self.client.list_versions(timeout_s=self.prepare_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise PrepareError(f"cannot prepare {want}: a shard replica did not answer "
+                               f"ListVersions: {e.code().name}: {e.details()}") from None
+        shards = len(answers)
+        for k, replicas in enumerate(answers):
+            for r, resp in enumerate(replicas):
+                where = f"shard {k} replica {self.client.replicas[k][r]}"
+                if resp.shard != k or resp.num_shards != shards:
+                    raise PrepareError(f"{where} says it is shard {resp.shard} of "
+                                       f"{resp.num_shards}, the ranker expects shard {k} of "
+                                       f"{shards}: check the order of --embedding-shards")
+                held = [v for v in resp.versions
+                        if v.model == manifest.model and v.version == manifest.version]
+                if not held:
+                    others = ", ".join(f"{v.model}/{v.version}" for v in resp.versions) or "none"
+                    raise PrepareError(f"{where} does not hold {want} (it holds: {others})")
+                info = held[0]
+                if info.state != _READY:
+                    raise PrepareError(f"{where} holds {want} in state {info.state} (not READY)"
+                                       + (f": {info.error}" if info.error else ""))
+                if info.fingerprint != manifest.fingerprint:
+                    raise PrepareError(f"{where} serves {want} with fingerprint "
+                                       f"{info.fingerprint}, the ranker's manifest has "
+                                       f"{manifest.fingerprint}")
+
+    async def unreachable(self) -> str | None:
+        """None when every shard replica answers ListVersions (cached for a second)."""
+        checked_at, reason = self._reach
+        if time.monotonic() - checked_at < _REACHABLE_CACHE_S:
+            return reason
+        try:
+            await self.client.list_versions(timeout_s=1.0)
+            reason = None
+        except grpc.aio.AioRpcError as e:
+            reason = f"embedding shard unreachable: {e.code().name}: {e.details()}"
+        self._reach = (time.monotonic(), reason)
+        return reason
+
+    def open_version(self, manifest: Manifest) -> None:
+        return None
+
+    def close_version(self, version: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _mismatch(m: Manifest, said: str) -> RankError:
+    return RankError(503, "version_mismatch",
+                     f"version mismatch: request pinned to {m.model}/{m.version} "
+                     f"({m.fingerprint}); {said}")
+
+
+def _lookup_error(m: Manifest, e: EmbeddingLookupError) -> RankError:
+    code = e.code
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        # The shard refused our version or fingerprint: it serves another build.
+        return _mismatch(m, f"shard {e.shard} refused it: {e}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return RankError(504, "deadline", f"embedding lookup deadline exceeded: {e}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return RankError(503, "embedding_unavailable", f"embedding shards unavailable: {e}",
+                         retry_after_s=1)
+    return RankError(502, "embedding_error", f"embedding lookup failed: {e}")
