@@ -16,7 +16,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m loadtest.demo --store $(STORE)
+	$(PY) -m loadtest.stack.demo --store $(STORE)
 
 up: $(STAMP)
 	$(PY) -m loadtest.stack up --store $(STORE)

@@ -1,8 +1,8 @@
 """The whole stack for e2e tests: a small demo store, real processes on loopback, steady load.
 
 Shared by tests/e2e/test_rollout.py (R1, R3) and tests/e2e/test_reliability*.py (R2, R4,
-R5). The command lines and readiness probes are loadtest/stack.py's (the same ones
-`make demo` and `make up` use); the processes are tests/servers.py's ServerProcess, so a
+R5). The command lines and readiness probes are loadtest/stack/local.py's (the same ones
+`make demo` and `make up` use); the processes are loadtest/harness/process.py's ServerProcess, so a
 server that dies fails the test at once with its log's tail.
 """
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 
-from loadtest.stack import grpc_serving, http_ready, ranker_args, shard_args
+from loadtest.harness.process import ServerProcess, start_all
+from loadtest.stack.local import grpc_serving, http_ready, ranker_args, shard_args
 from modelpack.demo import DemoSize, build_demo_store
 from modelpack.manifest import parse_manifest, write_manifest
-from tests.servers import ServerProcess, start_all
 
 MODEL = "ads_ctr"
 TOKEN = "e2e-admin-token"

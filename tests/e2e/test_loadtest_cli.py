@@ -26,15 +26,15 @@ BIN = Path(sys.executable).parent
 README = {
     "curl": "head -1 demo_store/ads_ctr/v1/eval.jsonl | curl -s -H 'content-type: application/json'"
             " --data-binary @- \"$RANKER_URL/v1/rank\"",
-    "locust": ".venv/bin/locust -f loadtest/locustfile.py --headless -u 8 -r 8 --run-time 30s "
+    "locust": ".venv/bin/locust -f loadtest/locust/locustfile.py --headless -u 8 -r 8 --run-time 30s "
               "--host \"$RANKER_URL\" --eval demo_store/ads_ctr/v1/eval.jsonl "
               "--csv build/locust/run --csv-full-history",
-    "steps": ".venv/bin/locust -f loadtest/locustfile.py,loadtest/shapes.py --headless "
+    "steps": ".venv/bin/locust -f loadtest/locust/locustfile.py,loadtest/locust/shapes.py --headless "
              "--host \"$RANKER_URL\" --eval demo_store/ads_ctr/v1/eval.jsonl --body protobuf "
              "--step-users 4 --step-seconds 10 --steps 3",
-    "grpc": ".venv/bin/locust -f loadtest/grpc_user.py --headless -u 4 -r 4 --run-time 20s "
+    "grpc": ".venv/bin/locust -f loadtest/locust/grpc_user.py --headless -u 4 -r 4 --run-time 20s "
             "--host \"$SHARD0\" --store demo_store",
-    "report": ".venv/bin/python -m loadtest.report --csv build/locust/run "
+    "report": ".venv/bin/python -m loadtest.locust.report --csv build/locust/run "
               "--journal build/stack/journal.sqlite --out build/locust/report.png",
 }
 
@@ -104,12 +104,12 @@ def test_up_readme_commands_report_down(store: Path, tmp_path: Path) -> None:
 
         # Bounds and guards: no --run-time but --max-requests; an SLO breach exits 1;
         # a host that is not loopback is refused before a single request (exit 2).
-        slo = _bash(".venv/bin/locust -f loadtest/locustfile.py --headless -u 2 -r 2 "
+        slo = _bash(".venv/bin/locust -f loadtest/locust/locustfile.py --headless -u 2 -r 2 "
                     "--host \"$RANKER_URL\" --eval demo_store/ads_ctr/v1/eval.jsonl "
                     "--max-requests 30 --slo-p99-ms 0.001", env, store, build)
         assert slo.returncode == 1 and "SLO breached: p99" in slo.stderr, slo.stderr[-2000:]
         assert "--max-requests 30 reached" in slo.stderr
-        remote = _bash(".venv/bin/locust -f loadtest/locustfile.py --headless -u 1 -r 1 "
+        remote = _bash(".venv/bin/locust -f loadtest/locust/locustfile.py --headless -u 1 -r 1 "
                        "--run-time 5s --host http://10.0.0.1:8080", env, store, build, 30)
         assert remote.returncode == 2 and "not loopback" in remote.stderr
         print(f"\nREADME commands against `make up`'s stack: all as printed, "
@@ -131,7 +131,7 @@ def test_demo_rolls_out_under_load_and_writes_summary_and_png(store: Path,
     out = tmp_path / "demo"
     t0 = time.monotonic()
     demo = subprocess.run(
-        [sys.executable, "-m", "loadtest.demo", "--store", str(store), "--out", str(out),
+        [sys.executable, "-m", "loadtest.stack.demo", "--store", str(store), "--out", str(out),
          "--duration", "24", "--rollout-at", "5", "--bake", "2", "--users", "4",
          "--ranker-arg=--device=cpu", "--controller-arg=--gate-max-score-drift=0.5"],
         cwd=REPO, text=True, capture_output=True, timeout=300)

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 
 from deploy_controller import cli
+from loadtest.harness.process import ServerProcess
 from modelpack.manifest import read_manifest
 from ranker_server.codec import encode_request
-from tests.servers import ServerProcess
 from tests.stack import (
     Load,
     RawHttp,

@@ -43,6 +43,7 @@ from deploy_controller.app import build_app
 from deploy_controller.config import ControllerConfig
 from deploy_controller.fake import FakeFleet
 from deploy_controller.gates import GateConfig
+from loadtest.harness.process import ServerProcess
 from modelpack.hashing import shard_range
 from modelpack.manifest import read_manifest
 from protos import embedding_pb2 as pb
@@ -51,7 +52,6 @@ from ranker_server.app import create_app
 from ranker_server.config import RankerConfig
 from ranker_server.inprocess import serve_in_process
 from tests.helpers_store import tiny_request, tiny_version
-from tests.servers import ServerProcess
 from tests.stack import serving
 
 pytestmark = pytest.mark.slow

@@ -27,9 +27,9 @@ from deploy_controller.fleet import FleetError, RemoteFleet
 from deploy_controller.gates import parse_metrics
 from deploy_controller.journal import Journal
 from deploy_controller.state import Status
+from loadtest.harness.process import ServerProcess, start_all
 from modelpack.manifest import parse_manifest, write_manifest
 from tests.helpers_store import tiny_version
-from tests.servers import ServerProcess, start_all
 
 MODEL = "tiny"
 TOKEN = "integration-token"

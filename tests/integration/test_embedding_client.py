@@ -31,6 +31,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_server.client import EmbeddingClient, EmbeddingLookupError, VersionMismatchError
+from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.hashing import shard_of
 from modelpack.int4 import dequantize_rows
 from modelpack.lookup import TableQuery
@@ -38,7 +39,6 @@ from modelpack.manifest import read_manifest
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
 from tests.helpers_store import tiny_version
-from tests.servers import ServerProcess, start_all, stop_all
 
 ROWS, DIM, ROW_BYTES = 1000, 16, 12
 SERVICE = "hybrid.embedding.v1.EmbeddingService"

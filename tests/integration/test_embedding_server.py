@@ -27,13 +27,13 @@ import numpy.typing as npt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.hashing import shard_of, shard_range
 from modelpack.int4 import dequantize_rows
 from modelpack.manifest import read_manifest
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
 from tests.helpers_store import tiny_version
-from tests.servers import ServerProcess, start_all, stop_all
 
 TOKEN = "t0ps3cret"
 AUTH = [("authorization", f"Bearer {TOKEN}")]

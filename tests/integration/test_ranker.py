@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtest.harness.process import ServerProcess, start_all
 from modelpack.manifest import parse_manifest, write_manifest
 from modelpack.scorer import OfflineScorer
 from modelpack.train import auc
@@ -36,7 +37,6 @@ from protos import embedding_pb2 as epb
 from protos import embedding_pb2_grpc as epbg
 from protos import ranker_pb2
 from ranker_server.codec import encode_request
-from tests.servers import ServerProcess, start_all
 
 TOKEN = "rank-admin"
 DEMO = ["--rows", "4000", "--examples", "8000", "--eval-requests", "60", "--quiet"]

@@ -19,8 +19,8 @@ import pytest
 
 from deploy_controller.journal import Journal
 from deploy_controller.state import Outcome, Step, next_step, plan
-from loadtest import report
-from loadtest.served import (
+from loadtest.locust import report
+from loadtest.locust.served import (
     EvalSet,
     RemoteTargetError,
     ServedLog,
@@ -33,7 +33,7 @@ from loadtest.served import (
     step_at,
     target_host,
 )
-from loadtest.stack import (
+from loadtest.stack.local import (
     StackConfig,
     env_text,
     fleet_json,

@@ -1,7 +1,7 @@
 """P2 hybrid tax and P4 serving tax of the ranker, against real processes on loopback.
 
-    python -m loadtest.bench_ranker p2 --store demo_store   # remote shards vs --local-tables
-    python -m loadtest.bench_ranker p4 --store demo_store   # end to end vs raw dense forward
+    python -m loadtest.bench.ranker p2 --store demo_store   # remote shards vs --local-tables
+    python -m loadtest.bench.ranker p4 --store demo_store   # end to end vs raw dense forward
 
 Both start two embedding shards (`python -m embedding_server`, 2 of 2, v1 preloaded) and
 the rankers they compare (`python -m ranker_server --device cpu`) on free ports, send
@@ -53,12 +53,12 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.bench_gpu import build_requests
-from loadtest.openloop import HttpPool, RunResult, closed_loop, open_loop, percentiles, schedule
+from loadtest.bench.gpu import build_requests
+from loadtest.harness.load import HttpPool, RunResult, closed_loop, open_loop, percentiles, schedule
+from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.manifest import read_manifest
-from tests.servers import ServerProcess, start_all, stop_all
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 PROTOBUF = "application/x-protobuf"
 P2_TARGETS = {"p50_ratio": 1.05, "p99_ratio": 1.10}
 P4_TARGET = 0.7

@@ -1,7 +1,7 @@
 """P3 (issue 3): a 450M-row x 32-dim INT4 table (9 GB) written, loaded, served, doubled.
 
-    python -m loadtest.bench_scale                    # full scale: ~20 GB of disk, many minutes
-    python -m loadtest.bench_scale --rows 2000000     # small scale, well under a minute
+    python -m loadtest.bench.scale                    # full scale: ~20 GB of disk, many minutes
+    python -m loadtest.bench.scale --rows 2000000     # small scale, well under a minute
 
 Steps, all in one run, in a temp store on the local disk that is deleted at the end
 (try/finally; `--keep` keeps it):
@@ -49,7 +49,7 @@ import grpc
 import numpy as np
 import torch
 
-from loadtest.lookup_harness import (
+from loadtest.bench.lookup_harness import (
     CLIENT_CPU,
     MODEL,
     RESULTS,
@@ -450,7 +450,7 @@ def second_version(args: argparse.Namespace, store: Path, server: EmbeddingServe
 
 
 def plot_p3(result: dict[str, Any], path: Path) -> None:
-    from loadtest.plotting import Panel, save_panels
+    from loadtest.bench.plotting import Panel, save_panels
 
     panels = []
     cells = result.get("lookups", {}).get("cells", {})

@@ -1,6 +1,6 @@
 """Locust load on the ranker's POST /v1/rank, with requests from a version's eval.jsonl.
 
-    locust -f loadtest/locustfile.py --headless -u 8 -r 8 --run-time 30s \\
+    locust -f loadtest/locust/locustfile.py --headless -u 8 -r 8 --run-time 30s \\
         --host http://127.0.0.1:8080 --eval demo_store/ads_ctr/v2/eval.jsonl \\
         --csv build/locust/run --csv-full-history
 
@@ -14,8 +14,8 @@ so Locust's own table gives each version's traffic and latency.
 With `--csv PREFIX` (or `--request-log`/`--served-out`) it also writes
 PREFIX_requests.csv (one row per request: start time, latency, status, version) and
 PREFIX_served.json (requests, traffic share and served AUC per version), which
-loadtest/report.py plots. Bounds, loopback-only and the SLO exit code: loadtest/locust_hooks.py.
-Add loadtest/shapes.py (`-f loadtest/locustfile.py,loadtest/shapes.py`) for a step load.
+loadtest/locust/report.py plots. Bounds, loopback-only and the SLO exit code: loadtest/locust/hooks.py.
+Add loadtest/locust/shapes.py (`-f loadtest/locust/locustfile.py,loadtest/locust/shapes.py`) for a step load.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner
 
-from loadtest.locust_hooks import on  # also registers the shared options and listeners
-from loadtest.served import EvalSet, RemoteTargetError, ServedLog, check_loopback
+from loadtest.locust.hooks import on  # also registers the shared options and listeners
+from loadtest.locust.served import EvalSet, RemoteTargetError, ServedLog, check_loopback
 
 log = logging.getLogger("loadtest.rank")
 DEFAULT_EVAL = "demo_store/ads_ctr/v1/eval.jsonl"
@@ -47,7 +47,7 @@ PROTOBUF_HEADERS = {"content-type": "application/x-protobuf"}
 
 @on("init_command_line_parser")
 def _options(parser: Any, **_: Any) -> None:
-    g = parser.add_argument_group("ranker load (loadtest/locustfile.py)")
+    g = parser.add_argument_group("ranker load (loadtest/locust/locustfile.py)")
     g.add_argument("--eval", type=str, default=DEFAULT_EVAL, env_var="LOADTEST_EVAL",
                    help=f"eval.jsonl of a model version (default {DEFAULT_EVAL})")
     g.add_argument("--eval-limit", type=int, default=0,

@@ -1,13 +1,13 @@
 """A PNG of a load run during a rollout: latency, throughput, traffic per version, phases.
 
-    python -m loadtest.report --csv build/demo/locust --journal build/demo/journal.sqlite \\
+    python -m loadtest.locust.report --csv build/demo/locust --journal build/demo/journal.sqlite \\
         --out build/demo/report.png
 
 Inputs:
 - PREFIX_stats_history.csv, Locust's `--csv PREFIX --csv-full-history` output: the
   "Aggregated" row of every second gives requests/s, failures/s, p50 and p99 (Locust's
   percentiles over its last ~10 s);
-- PREFIX_requests.csv (loadtest/locustfile.py): one row per request naming the version
+- PREFIX_requests.csv (loadtest/locust/locustfile.py): one row per request naming the version
   that answered it, binned per second into each version's traffic share;
 - the controller's SQLite journal (deploy_controller/journal.py: `rollouts`, `events`),
   read only: each rollout overlapping the run is drawn as vertical lines at its phase
@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from deploy_controller.state import Kind, Phase, Step
-from loadtest.served import Request, read_request_log, shares_by_second
+from loadtest.locust.served import Request, read_request_log, shares_by_second
 
 F64 = npt.NDArray[np.float64]
 PHASE_LABEL = {Phase.STAGE_DENSE: "1 stage dense", Phase.STAGE_EMBEDDINGS: "2 stage embeddings",
@@ -268,7 +268,7 @@ def build(prefix: str, journal: Path | None, out: Path, title: str = "") -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtest.locust.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", required=True, metavar="PREFIX", help="Locust's --csv prefix")
     p.add_argument("--journal", type=Path, help="the controller's SQLite journal")

@@ -39,7 +39,7 @@ MODEL, TABLE = "bench", "ids"
 BATCHES = (512, 4096, 16384)
 MODES = ("packed", "pooled")
 BAG = 20  # pooled: rows per bag (L)
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 SERVER_CPU, CLIENT_CPU = 0, 1
 
 

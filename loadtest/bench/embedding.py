@@ -1,7 +1,7 @@
 """P1 (issue 3): embedding lookups through gRPC on loopback vs the same kernel in-process.
 
-    python -m loadtest.bench_embedding                       # 20M x 32 table, ~2-3 minutes
-    python -m loadtest.bench_embedding --rows 2000000 --seconds 0.5 --no-workers --no-profile
+    python -m loadtest.bench.embedding                       # 20M x 32 table, ~2-3 minutes
+    python -m loadtest.bench.embedding --rows 2000000 --seconds 0.5 --no-workers --no-profile
 
 For batches of 512 / 4096 / 16384 rows, single-ID INT4_PACKED and pooled (L=20, FP16):
 
@@ -19,8 +19,8 @@ what the targets judge (>= 0.85x at 16384 rows, >= 0.7x at 4096, p99 <= 2 ms per
 Optionally (`--workers`, default on) the same server with `--workers 2` is compared
 with one worker, both unpinned. Results: JSON (with os.getloadavg() before/after) + PNG.
 
-The shared helpers live in loadtest/lookup_harness.py (also used by bench_scale) and
-loadtest/profile_server.py.
+The shared helpers live in loadtest/bench/lookup_harness.py (also used by bench_scale) and
+loadtest/bench/profile.py.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import grpc
 import numpy as np
 import torch
 
-from loadtest.lookup_harness import (
+from loadtest.bench.lookup_harness import (
     BATCHES,
     CLIENT_CPU,
     MODEL,
@@ -72,7 +72,7 @@ from loadtest.lookup_harness import (
     summarize,
     target,
 )
-from loadtest.profile_server import (
+from loadtest.bench.profile import (
     profile_server,
 )
 
@@ -295,7 +295,7 @@ def compare_workers(args: argparse.Namespace, store: Path, version: str, fp: str
 
 
 def plot_p1(result: dict[str, Any], path: Path) -> None:
-    from loadtest.plotting import Panel, save_panels
+    from loadtest.bench.plotting import Panel, save_panels
 
     panels = []
     for mode in MODES:

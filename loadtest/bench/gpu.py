@@ -1,7 +1,7 @@
 """P5: the ranker's pipeline on CUDA, protobuf bodies, 200-candidate requests.
 
-    python loadtest/bench_gpu.py [--store demo_store] [--device cuda|cpu] [--procs K]
-    python -m loadtest.bench_gpu --device cpu          # the CPU fallback, labelled as such
+    python loadtest/bench/gpu.py [--store demo_store] [--device cuda|cpu] [--procs K]
+    python -m loadtest.bench.gpu --device cpu          # the CPU fallback, labelled as such
 
 Reports candidates/s and p99 latency; the target (issue 4, P5) is 1M candidates/s at
 p99 <= 20 ms on one H100-class GPU. Without CUDA, `--device cuda` (the default) prints
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-if __package__ in (None, ""):  # `python loadtest/bench_gpu.py`: make the repo importable
+if __package__ in (None, ""):  # `python loadtest/bench/gpu.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 
 TARGET_CANDIDATES_PER_S = 1_000_000
 TARGET_P99_MS = 20.0
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 # --------------------------------------------------------------------------------------
@@ -778,7 +778,7 @@ def worker(plan: Plan, rank: int, barrier: Any, rates: Any, results: Any) -> Non
     results.put((rank, "sat", sat.requests / sat.wall_s))
     barrier.wait()
     for rate in rates.get():
-        from loadtest.openloop import schedule
+        from loadtest.harness.load import schedule
 
         arr = schedule(rate, plan.step_s, seed=plan.seed + rank + int(rate))
         barrier.wait()
@@ -829,7 +829,7 @@ def run_multi(plan: Plan) -> tuple[list[StepResult], dict[str, float], float]:
 
 def run_single(plan: Plan, model: Model, codec: Codec
                ) -> tuple[list[StepResult], dict[str, float], float, dict[str, Any]]:
-    from loadtest.openloop import schedule
+    from loadtest.harness.load import schedule
 
     bodies = [codec.encode_request(r) for r in model.requests]
     pipe = GpuPipeline(model, codec, plan.device)

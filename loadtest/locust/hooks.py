@@ -26,7 +26,7 @@ from locust import events
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from loadtest.served import RemoteTargetError, check_loopback, slo_problems
+from loadtest.locust.served import RemoteTargetError, check_loopback, slo_problems
 
 log = logging.getLogger("loadtest")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,7 +59,7 @@ def _options(parser: Any, **_: Any) -> None:
                    help="exit 1 if the whole run's p99 exceeds this many ms (default 1000; 0: off)")
     g.add_argument("--slo-min-requests", type=int, default=1,
                    help="exit 1 if fewer requests than this were made (default 1)")
-    s = parser.add_argument_group("step shape (loadtest/shapes.py)")
+    s = parser.add_argument_group("step shape (loadtest/locust/shapes.py)")
     s.add_argument("--step-users", type=int, default=4, help="users added per step (default 4)")
     s.add_argument("--step-seconds", type=float, default=10.0, help="seconds per step (default 10)")
     s.add_argument("--steps", type=int, default=3, help="steps before the run ends (default 3)")

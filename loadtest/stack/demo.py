@@ -1,18 +1,18 @@
 """The whole system in one command: a v1 -> v2 rollout under live load, then a summary and a PNG.
 
-    python -m loadtest.demo [--store demo_store] [--out build/demo] [--duration 60]
+    python -m loadtest.stack.demo [--store demo_store] [--out build/demo] [--duration 60]
 
 1. builds the demo model store if it is missing (reuses it when every checksum verifies);
 2. starts 2 embedding shards, a ranker and the deploy controller on loopback
-   (loadtest/stack.py: free ports, admin token in a private temp dir);
-3. runs Locust headless (loadtest/locustfile.py, a subprocess) for `--duration` seconds
+   (loadtest/stack/local.py: free ports, admin token in a private temp dir);
+3. runs Locust headless (loadtest/locust/locustfile.py, a subprocess) for `--duration` seconds
    with requests from v2's eval set (day-1 traffic, labels kept aside);
 4. `--rollout-at` seconds in, runs `deployctl rollout ads_ctr v2 --canary 10,50,100
    --bake N` and shows its live progress;
 5. stops everything (SIGTERM, then SIGKILL; also on Ctrl-C and errors), prints the
    summary (requests, failures, p50/p99 before/during/after the rollout, version
    mismatches from the ranker's /metrics, served AUC per version from the answers'
-   scores against the eval labels) and writes the PNG (loadtest/report.py).
+   scores against the eval labels) and writes the PNG (loadtest/locust/report.py).
 
 Exit code 0 when the rollout succeeded with no failed request and no mismatch.
 """
@@ -35,13 +35,13 @@ from typing import Any
 
 import httpx
 
-from loadtest import report
-from loadtest.served import Request, percentile, read_request_log
-from loadtest.stack import LocalStack, StackConfig, StackError, ensure_store
+from loadtest.locust import report
+from loadtest.locust.served import Request, percentile, read_request_log
+from loadtest.stack.local import LocalStack, StackConfig, StackError, ensure_store
 
-log = logging.getLogger("loadtest.demo")
+log = logging.getLogger("loadtest.stack.demo")
 MODEL = "ads_ctr"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Gates for a shared 2-core machine: latency noise from neighbours must not fail a healthy
 # rollout, while errors and mismatches still do (their thresholds stay at the defaults).
 DEMO_GATES = ("--gate-interval-s", "3", "--gate-min-requests", "15", "--gate-max-p99-ratio", "3",
@@ -89,7 +89,7 @@ def warm_up(stack: LocalStack, eval_path: Path, n: int = 40) -> None:
 def start_locust(stack: LocalStack, prefix: Path, eval_path: Path, args: argparse.Namespace
                  ) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = prefix.parent / "locust.log"
-    argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"),
+    argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locust" / "locustfile.py"),
             "--headless", "-u", str(args.users), "-r", str(args.users),
             "--run-time", f"{args.duration}s", "--host", stack.ranker_url,
             "--eval", str(eval_path), "--user-rps", str(args.user_rps),
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtest.stack.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", type=Path, default=Path("demo_store"), help="model store")
     p.add_argument("--out", type=Path, default=Path("build/demo"),

@@ -1,6 +1,6 @@
 """Locust load on one embedding shard's gRPC `EmbeddingService.Lookup`.
 
-    locust -f loadtest/grpc_user.py --headless -u 4 -r 4 --run-time 20s \\
+    locust -f loadtest/locust/grpc_user.py --headless -u 4 -r 4 --run-time 20s \\
         --host 127.0.0.1:50051 --store demo_store
 
 Locust has no gRPC user: `GrpcUser` is the usual one, a channel wrapped in a client
@@ -30,7 +30,7 @@ from locust.env import Environment
 from locust.exception import LocustError, StopUser
 from locust.runners import MasterRunner
 
-from loadtest.locust_hooks import on  # also registers the shared options and listeners
+from loadtest.locust.hooks import on  # also registers the shared options and listeners
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
 
@@ -43,7 +43,7 @@ OUTPUT = {"int4": pb.OUTPUT_INT4_PACKED, "fp16": pb.OUTPUT_FP16, "fp32": pb.OUTP
 
 @on("init_command_line_parser")
 def _options(parser: Any, **_: Any) -> None:
-    g = parser.add_argument_group("embedding lookups (loadtest/grpc_user.py)")
+    g = parser.add_argument_group("embedding lookups (loadtest/locust/grpc_user.py)")
     g.add_argument("--store", type=str, default="demo_store", env_var="LOADTEST_STORE",
                    help="model store the shard serves from (for table sizes; default demo_store)")
     g.add_argument("--model", type=str, default="ads_ctr", help="model (default ads_ctr)")

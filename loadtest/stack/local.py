@@ -519,7 +519,7 @@ def usage_text(state: dict[str, Any], eval_file: Path, env_file: Path) -> str:
         f"  head -1 {eval_file} | curl -s -H 'content-type: application/json' "
         "--data-binary @- \"$RANKER_URL/v1/rank\"",
         "  .venv/bin/deployctl rollout ads_ctr v2 --canary 10,50,100 --bake 10",
-        "  .venv/bin/locust -f loadtest/locustfile.py --headless -u 8 -r 8 --run-time 30s "
+        "  .venv/bin/locust -f loadtest/locust/locustfile.py --headless -u 8 -r 8 --run-time 30s "
         f"--host \"$RANKER_URL\" --eval {eval_file}",
         "  make down",
     ]

@@ -1,6 +1,6 @@
 """A step load: `--step-users` more users every `--step-seconds`, `--steps` times, then stop.
 
-    locust -f loadtest/locustfile.py,loadtest/shapes.py --headless \\
+    locust -f loadtest/locust/locustfile.py,loadtest/locust/shapes.py --headless \\
         --host http://127.0.0.1:8080 --eval demo_store/ads_ctr/v1/eval.jsonl \\
         --step-users 4 --step-seconds 10 --steps 3
 
@@ -15,8 +15,8 @@ import time
 
 from locust import LoadTestShape
 
-from loadtest import locust_hooks  # noqa: F401 (registers --step-* and the shared bounds)
-from loadtest.served import step_at
+from loadtest.locust import hooks  # noqa: F401 (registers --step-* and the shared bounds)
+from loadtest.locust.served import step_at
 
 
 class StepLoadShape(LoadTestShape):

@@ -1,0 +1,1 @@
+"""Benchmarks: one driver per benchmark, results in loadtest/results/."""

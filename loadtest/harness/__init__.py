@@ -1,0 +1,1 @@
+"""Server processes and load generators shared by tests, the demo and the benchmarks."""
