@@ -99,6 +99,18 @@ class Rollout:
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
 
+    @property
+    def start(self) -> float:
+        """When it began acting on the fleet: its first event (or its creation)."""
+        return self.events[0].ts if self.events else self.created_at
+
+    @property
+    def end(self) -> float:
+        """When it finished, or its last event while it runs."""
+        if self.finished_at is not None:
+            return self.finished_at
+        return self.events[-1].ts if self.events else self.created_at
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "model": self.model, "from_version": self.from_version,
@@ -243,10 +255,28 @@ class Journal:
             return self._events(rollout_id)
 
     def _events(self, rollout_id: str) -> list[Event]:
-        rows = self._db.execute("SELECT * FROM events WHERE rollout_id = ? ORDER BY seq",
-                                (rollout_id,)).fetchall()
-        return [Event(r["seq"], r["step"], r["event"], r["outcome"], json.loads(r["detail"]),
-                      r["ts"]) for r in rows]
+        return _events(self._db, rollout_id)
+
+
+def read_rollouts(path: Path) -> list[Rollout]:
+    """Every rollout with its events, oldest first, from a journal opened read-only.
+
+    For reports beside a running controller: no lock, no WAL writes, no schema changes.
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT * FROM rollouts ORDER BY created_at, rowid").fetchall()
+        return [_rollout(r, _events(db, r["id"])) for r in rows]
+    finally:
+        db.close()
+
+
+def _events(db: sqlite3.Connection, rollout_id: str) -> list[Event]:
+    rows = db.execute("SELECT * FROM events WHERE rollout_id = ? ORDER BY seq",
+                      (rollout_id,)).fetchall()
+    return [Event(r["seq"], r["step"], r["event"], r["outcome"], json.loads(r["detail"]), r["ts"])
+            for r in rows]
 
 
 class _Tx:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sqlite3
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from deploy_controller.journal import Rollout, read_rollouts
 from deploy_controller.state import Kind, Phase, Step
 from loadtest.locust.served import Request, read_request_log, shares_by_second
 
@@ -72,67 +72,12 @@ def read_history(path: Path) -> History:
 
 
 @dataclass(frozen=True)
-class Event:
-    ts: float
-    step: str
-    event: str
-    outcome: str
-
-
-@dataclass
-class Rollout:
-    """A rollout as the journal has it (read-only view)."""
-
-    id: str
-    model: str
-    from_version: str
-    to_version: str
-    canary: list[int]
-    status: str
-    reason: str
-    created_at: float
-    finished_at: float | None
-    events: list[Event] = field(default_factory=list)
-
-    def first(self, step: str, event: str = "begin") -> float | None:
-        return next((e.ts for e in self.events if e.step == step and e.event == event), None)
-
-    @property
-    def start(self) -> float:
-        return self.events[0].ts if self.events else self.created_at
-
-    @property
-    def end(self) -> float:
-        if self.finished_at is not None:
-            return self.finished_at
-        return self.events[-1].ts if self.events else self.created_at
-
-
-@dataclass(frozen=True)
 class Mark:
     """A vertical line: when, what, and whether it starts a phase (drawn heavier)."""
 
     t: float
     label: str
     phase: bool
-
-
-def read_rollouts(journal: Path) -> list[Rollout]:
-    """Every rollout in the journal, oldest first (opened read-only)."""
-    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-    try:
-        db.row_factory = sqlite3.Row
-        out = []
-        for r in db.execute("SELECT * FROM rollouts ORDER BY created_at, rowid"):
-            evs = [Event(e["ts"], e["step"], e["event"], e["outcome"]) for e in db.execute(
-                "SELECT ts, step, event, outcome FROM events WHERE rollout_id = ? ORDER BY seq",
-                (r["id"],))]
-            out.append(Rollout(r["id"], r["model"], r["from_version"], r["to_version"],
-                               [int(x) for x in json.loads(r["canary"])], r["status"],
-                               r["reason"], r["created_at"], r["finished_at"], evs))
-        return out
-    finally:
-        db.close()
 
 
 def marks(r: Rollout) -> list[Mark]:

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from deploy_controller.journal import Rollout, read_rollouts
 from loadtest.locust import report
 from loadtest.locust.served import Request, percentile, read_request_log
 from loadtest.stack.local import LocalStack, StackConfig, StackError, ensure_store
@@ -145,7 +146,7 @@ class Window:
                 f"{percentile(lat, 99):>9.1f}   {shares}")
 
 
-def windows(rows: Sequence[Request], r: report.Rollout | None) -> list[Window]:
+def windows(rows: Sequence[Request], r: Rollout | None) -> list[Window]:
     if r is None:
         return [Window("whole run", list(rows))]
     return [Window("before rollout", [x for x in rows if x.t < r.start]),
@@ -154,7 +155,7 @@ def windows(rows: Sequence[Request], r: report.Rollout | None) -> list[Window]:
             Window("whole run", list(rows))]
 
 
-def summary(rows: Sequence[Request], r: report.Rollout | None, served: dict[str, Any],
+def summary(rows: Sequence[Request], r: Rollout | None, served: dict[str, Any],
             mismatches: tuple[float, float], deployctl_code: int | None, locust_code: int | None,
             png: Path, eval_path: Path) -> tuple[str, bool]:
     lines = ["", "=" * 78, "SUMMARY", "=" * 78]
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
         codes = stack.stop()
         log.info("exit codes %s", codes)
     rows = read_request_log(Path(f"{prefix}_requests.csv"))
-    rollouts = report.read_rollouts(stack.journal) if stack.journal.exists() else []
+    rollouts = read_rollouts(stack.journal) if stack.journal.exists() else []
     r = rollouts[-1] if rollouts else None
     served_path = Path(f"{prefix}_served.json")
     served = json.loads(served_path.read_text()) if served_path.is_file() else {}

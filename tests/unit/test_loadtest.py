@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_controller.journal import Journal
+from deploy_controller.journal import Journal, read_rollouts
 from deploy_controller.state import Outcome, Step, next_step, plan
 from loadtest.locust import report
 from loadtest.locust.served import (
@@ -216,7 +216,7 @@ def test_report_reads_locust_history_journal_and_draws(tmp_path: Path) -> None:
 
     hist = report.read_history(Path(f"{prefix}_stats_history.csv"))
     assert hist.t.size == 30 and math.isnan(hist.p99_ms[0]) and hist.p99_ms[-1] == 25 + 29
-    (r,) = report.read_rollouts(tmp_path / "journal.sqlite")
+    (r,) = read_rollouts(tmp_path / "journal.sqlite")
     assert (r.id, r.status, r.canary) == (rid, "succeeded", [10, 100])
     assert len(r.events) == 2 * (len(plan([10, 100])) - 1)
     labels = [m.label for m in report.marks(r)]
