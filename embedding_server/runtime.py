@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
 
 
 def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:
@@ -25,3 +30,16 @@ def setup_logging(level: str) -> None:
 def _drop_tbe_chatter(record: logging.LogRecord) -> bool:
     # FBGEMM logs a feature-gate line to the root logger for every TBE it builds.
     return not (record.name == "root" and str(record.msg).startswith("[TBE="))
+
+
+def stop_event(doing: str) -> threading.Event:
+    """An event set by the first SIGTERM or SIGINT (logged as `doing`): the graceful stop."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: %s", signal.Signals(signum).name, doing)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop

@@ -13,11 +13,8 @@ get up to --grace-period seconds to finish, the server stops, the process exits 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
 import grpc
 import torch
@@ -29,7 +26,7 @@ from embedding_server.config import ServerConfig
 from embedding_server.errors import ServiceError
 from embedding_server.metrics import Metrics, serve_metrics
 from embedding_server.peers import Peers
-from embedding_server.runtime import setup_logging, write_port_file
+from embedding_server.runtime import setup_logging, stop_event, write_port_file
 from embedding_server.servicer import EmbeddingServicer
 from embedding_server.versions import VersionRegistry
 from protos import embedding_pb2 as pb
@@ -73,14 +70,7 @@ def serve(cfg: ServerConfig) -> int:
     # gRPC threads and --workers processes. Several OpenMP teams spinning on 2 cores made
     # concurrent FBGEMM calls thousands of times slower (seen: a test stuck for 26 min).
     torch.set_num_threads(1)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_event("shutting down")
 
     metrics = Metrics()
     versions = VersionRegistry(cfg.store, cfg.shard, cfg.num_shards, cfg.memory_budget_bytes)

@@ -19,13 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import FrameType
 
 from embedding_server.config import ServerConfig, worker_argv
-from embedding_server.runtime import setup_logging, write_port_file
+from embedding_server.runtime import setup_logging, stop_event, write_port_file
 
 log = logging.getLogger("embedding_server.workers")
 _START_TIMEOUT_S = 600.0  # preloading a large version verifies every checksum first
@@ -71,14 +69,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]], grace_s: float) -> b
 def supervise(cfg: ServerConfig) -> int:
     """Run cfg.workers children until SIGTERM/SIGINT; returns the exit code."""
     setup_logging(cfg.log_level)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: stopping workers", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_event("stopping workers")
     run_dir = Path(tempfile.mkdtemp(prefix="embedding-server-"))
     peer_dir, prom_dir = run_dir / "peers", run_dir / "prometheus"
     peer_dir.mkdir()
