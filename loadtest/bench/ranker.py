@@ -53,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.bench.gpu import build_requests
+from loadtest.bench.workload import build_requests
 from loadtest.harness.load import HttpPool, RunResult, closed_loop, open_loop, percentiles, schedule
 from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.manifest import read_manifest
