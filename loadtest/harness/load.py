@@ -1,10 +1,14 @@
-"""A small HTTP/1.1 load generator: open loop (fixed schedule) and closed loop (fixed concurrency).
+"""The HTTP/1.1 load generator of benchmarks and tests: open loop (fixed schedule) and closed loop.
 
 Open loop: send times are computed before the run (Poisson or fixed inter-arrival) and
-every request is sent at its scheduled time whether or not earlier ones have answered;
-latency is measured from the *scheduled* send time, so a server (or a generator) that
-falls behind is charged for it instead of silently slowing the offered load down
-(coordinated omission). The actual send lag is recorded beside it.
+every request is sent at its scheduled time whether or not earlier ones have answered.
+
+Latency, one definition everywhere (RunResult.latency_s): from the *scheduled* send time
+to the last byte of the answer. A server (or a generator) that falls behind is charged
+for it instead of silently slowing the offered load down (coordinated omission). In a
+closed loop the schedule is "when the previous answer came", so the scheduled and the
+actual send coincide. Beside it: `service_s`, from the actual send (what the server took,
+without the generator's own lag), and `send_lag_s`, actual minus scheduled send.
 
 The client is a bare asyncio keep-alive connection pool (no httpx): on a 2-core machine
 the generator shares the CPU with the servers, so its own cost per request must be small
@@ -17,7 +21,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,17 +32,35 @@ class HttpError(Exception):
     """The connection failed or the server answered something this client cannot parse."""
 
 
+class _Stale(Exception):
+    """A reused keep-alive connection was closed by the server before it answered a byte."""
+
+
 @dataclass
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    reused: bool = False
+    idle_since: float = 0.0
+
+
+_TRANSPORT = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
 
 
 class HttpPool:
-    """Keep-alive HTTP/1.1 connections to one host:port; one request per connection at a time."""
+    """Keep-alive HTTP/1.1 connections to one host:port; one request per connection at a time.
 
-    def __init__(self, host: str, port: int, *, max_conns: int = 512) -> None:
+    uvicorn closes keep-alive connections idle for 5 s, and one it closes just as a
+    request goes out fails with nothing answered. So connections idle for `max_idle_s`
+    are dropped rather than reused, and a request on a reused connection that the server
+    closed before answering a single byte is sent once more, on a fresh connection (it
+    never reached the application). Any other fault is an HttpError.
+    """
+
+    def __init__(self, host: str, port: int, *, max_conns: int = 512,
+                 max_idle_s: float = 3.0) -> None:
         self.host, self.port = host, port
+        self.max_idle_s = max_idle_s
         self._idle: list[_Conn] = []
         self._open = 0
         self._slots = asyncio.Semaphore(max_conns)
@@ -48,32 +70,60 @@ class HttpPool:
         self._open += 1
         return _Conn(reader, writer)
 
+    async def _take(self) -> _Conn:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.idle_since < self.max_idle_s:
+                return conn
+            self._close(conn)
+        return await self._connect()
+
     async def request(self, method: str, path: str, body: bytes = b"",
                       content_type: str = "application/octet-stream") -> tuple[int, bytes]:
         """(status, body) of one request; HttpError on transport or framing faults."""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n")
+        data = head.encode("ascii") + body
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                    f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n")
             try:
-                conn.writer.write(head.encode("ascii") + body)
-                raw = await conn.reader.readuntil(b"\r\n\r\n")
-                lines = raw.decode("latin-1").split("\r\n")
-                status = int(lines[0].split(" ", 2)[1])
-                headers = {k.strip().lower(): v.strip()
-                           for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-                if "content-length" not in headers:
-                    raise HttpError(f"response without Content-Length: {headers}")
-                payload = await conn.reader.readexactly(int(headers["content-length"]))
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    ValueError, IndexError) as e:
-                self._close(conn)
+                return await self._exchange(await self._take(), data)
+            except _Stale:
+                pass
+            except OSError as e:  # connect() refused or unreachable
                 raise HttpError(f"{type(e).__name__}: {e}") from None
-            if headers.get("connection", "").lower() == "close":
-                self._close(conn)
-            else:
-                self._idle.append(conn)
-            return status, payload
+            try:
+                return await self._exchange(await self._connect(), data)
+            except OSError as e:
+                raise HttpError(f"{type(e).__name__}: {e}") from None
+
+    async def _exchange(self, conn: _Conn, data: bytes) -> tuple[int, bytes]:
+        try:
+            conn.writer.write(data)
+            raw = await conn.reader.readuntil(b"\r\n\r\n")
+        except _TRANSPORT as e:
+            self._close(conn)
+            partial = e.partial if isinstance(e, asyncio.IncompleteReadError) else b""
+            if conn.reused and not partial and not isinstance(e, asyncio.LimitOverrunError):
+                raise _Stale from None
+            raise HttpError(f"{type(e).__name__}: {e}") from None
+        try:
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {k.strip().lower(): v.strip()
+                       for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            if "content-length" not in headers:
+                raise ValueError(f"response without Content-Length: {headers}")
+            payload = await conn.reader.readexactly(int(headers["content-length"]))
+        except (*_TRANSPORT, ValueError, IndexError) as e:
+            self._close(conn)
+            raise HttpError(f"{type(e).__name__}: {e}") from None
+        if headers.get("connection", "").lower() == "close":
+            self._close(conn)
+        else:
+            conn.reused, conn.idle_since = True, time.monotonic()
+            self._idle.append(conn)
+        return status, payload
 
     def _close(self, conn: _Conn) -> None:
         conn.writer.close()
@@ -99,16 +149,27 @@ def schedule(rate: float, duration_s: float, *, poisson: bool = True, seed: int 
     return offsets
 
 
+Label = Callable[[int, bytes], str]
+"""(status, response body) -> a short label kept per request, e.g. the version that served it."""
+
+
 @dataclass
 class RunResult:
-    """Per-request outcomes of one run, in send order."""
+    """Per-request outcomes of one run: open loop in schedule order, closed loop in completion order.
+
+    Times are seconds. `latency_s` is THE latency: from the scheduled send (open loop) or
+    the send (closed loop, where the send is the schedule) to the end of the answer.
+    """
 
     latency_s: list[float] = field(default_factory=list)  # from scheduled send (open) / send (closed)
     service_s: list[float] = field(default_factory=list)  # from the actual send
     send_lag_s: list[float] = field(default_factory=list)  # actual send - scheduled send
-    status: list[int] = field(default_factory=list)
+    status: list[int] = field(default_factory=list)  # -1: no HTTP answer (see `errors`)
     wall_s: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one line per request with status -1
+    due_s: list[float] = field(default_factory=list)  # scheduled (open) / actual (closed) send offset
+    labels: list[str] = field(default_factory=list)  # label(status, body), or the error; only with `label`
+    started_at: float = 0.0  # time.time() of offset 0, to line requests up with other clocks
 
     @property
     def ok(self) -> int:
@@ -119,26 +180,45 @@ class RunResult:
                          if s == 200], dtype=np.float64)
 
 
+async def _send(pool: HttpPool, path: str, body: bytes, content_type: str, timeout_s: float,
+                res: RunResult, label: Label | None) -> tuple[int, str]:
+    """(status, label) of one POST; a failure is status -1, recorded in res.errors."""
+    try:
+        status, payload = await asyncio.wait_for(
+            pool.request("POST", path, body, content_type), timeout_s)
+    except (HttpError, TimeoutError) as e:
+        error = f"{type(e).__name__}: {e}"
+        res.errors.append(error)
+        return -1, error
+    return status, label(status, payload) if label is not None else ""
+
+
 async def open_loop(pool: HttpPool, path: str, bodies: Sequence[bytes], offsets: Sequence[float],
-                    *, content_type: str, timeout_s: float = 10.0) -> RunResult:
-    """Send bodies[i % len(bodies)] at offsets[i]; latency from the scheduled time."""
+                    *, content_type: str, timeout_s: float = 10.0,
+                    label: Label | None = None) -> RunResult:
+    """POST bodies[i % len(bodies)] at offsets[i] whether or not earlier ones answered.
+
+    latency_s[i] runs from the *scheduled* time start + offsets[i]: a server or generator
+    that falls behind is charged for it (no coordinated omission); service_s[i] runs from
+    the actual send, send_lag_s[i] is the difference.
+    """
     loop = asyncio.get_running_loop()
     n = len(offsets)
     res = RunResult(latency_s=[math.nan] * n, service_s=[math.nan] * n, send_lag_s=[math.nan] * n,
-                    status=[0] * n)
+                    status=[0] * n, due_s=[float(o) for o in offsets],
+                    labels=[""] * n if label is not None else [])
     start = loop.time() + 0.02
+    res.started_at = time.time() + 0.02
 
     async def one(i: int, due: float) -> None:
         sent = loop.time()
         res.send_lag_s[i] = sent - due
-        try:
-            status, _ = await asyncio.wait_for(
-                pool.request("POST", path, bodies[i % len(bodies)], content_type), timeout_s)
-        except (HttpError, TimeoutError) as e:
-            status = -1
-            res.errors.append(f"{type(e).__name__}: {e}")
+        status, tag = await _send(pool, path, bodies[i % len(bodies)], content_type, timeout_s,
+                                  res, label)
         done = loop.time()
         res.latency_s[i], res.service_s[i], res.status[i] = done - due, done - sent, status
+        if label is not None:
+            res.labels[i] = tag
 
     tasks: list[asyncio.Task[None]] = []
     for i, off in enumerate(offsets):
@@ -153,32 +233,39 @@ async def open_loop(pool: HttpPool, path: str, bodies: Sequence[bytes], offsets:
 
 
 async def closed_loop(pool: HttpPool, path: str, bodies: Sequence[bytes], *, concurrency: int,
-                      duration_s: float, content_type: str, timeout_s: float = 10.0) -> RunResult:
-    """`concurrency` workers, each sending its next request as soon as the last one answered."""
+                      duration_s: float, content_type: str, timeout_s: float = 10.0,
+                      max_requests: int | None = None, stop: Callable[[], bool] | None = None,
+                      label: Label | None = None) -> RunResult:
+    """`concurrency` workers, each sending its next request as soon as the last one answered.
+
+    Ends after `duration_s`, `max_requests` sent, or once `stop()` is true (checked
+    before each request), whichever comes first.
+    """
     loop = asyncio.get_running_loop()
-    res = RunResult()
-    stop_at = loop.time() + duration_s
-    counter = iter(range(1 << 62))
+    res = RunResult(started_at=time.time())
+    start = loop.time()
+    stop_at = start + duration_s
+    counter = iter(range(max_requests if max_requests is not None else 1 << 62))
 
     async def worker() -> None:
-        while loop.time() < stop_at:
-            i = next(counter)
+        while loop.time() < stop_at and not (stop is not None and stop()):
+            i = next(counter, None)
+            if i is None:
+                return
             sent = loop.time()
-            try:
-                status, _ = await asyncio.wait_for(
-                    pool.request("POST", path, bodies[i % len(bodies)], content_type), timeout_s)
-            except (HttpError, TimeoutError) as e:
-                status = -1
-                res.errors.append(f"{type(e).__name__}: {e}")
+            status, tag = await _send(pool, path, bodies[i % len(bodies)], content_type,
+                                      timeout_s, res, label)
             lat = loop.time() - sent
             res.latency_s.append(lat)
             res.service_s.append(lat)
             res.send_lag_s.append(0.0)
             res.status.append(status)
+            res.due_s.append(sent - start)
+            if label is not None:
+                res.labels.append(tag)
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    res.wall_s = time.perf_counter() - t0
+    res.wall_s = loop.time() - start
     return res
 
 

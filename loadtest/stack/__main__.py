@@ -1,5 +1,5 @@
-"""`python -m loadtest.stack up|down|status`: the local fleet (see loadtest.stack.local)."""
+"""`python -m loadtest.stack up|down|status`: the local fleet (see loadtest.stack.cli)."""
 
-from loadtest.stack.local import main
+from loadtest.stack.cli import main
 
 raise SystemExit(main())

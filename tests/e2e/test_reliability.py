@@ -30,20 +30,12 @@ import numpy as np
 import pytest
 
 from deploy_controller import cli
+from loadtest.harness.load import HttpPool, RunResult, closed_loop, open_loop
+from loadtest.harness.probes import LOOPBACK
 from loadtest.harness.process import ServerProcess
 from modelpack.manifest import read_manifest
 from ranker_server.codec import encode_request
-from tests.stack import (
-    Load,
-    RawHttp,
-    Shot,
-    Stack,
-    closed_loop,
-    corrupt_copy,
-    open_loop,
-    start_ranker,
-    start_stack,
-)
+from tests.stack import Load, Stack, corrupt_copy, start_ranker, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -121,9 +113,22 @@ def _bodies(stack: Stack) -> list[bytes]:
             for i in range(8)]
 
 
-def _p99(shots: list[Shot]) -> float:
-    ok = [s.latency_s for s in shots if s.status == 200]
+PROTOBUF = "application/x-protobuf"
+
+
+def _window(res: RunResult, lo: float = -math.inf, hi: float = math.inf) -> list[int]:
+    """Indices of the requests due in [lo, hi) seconds from the run's start."""
+    return [i for i, due in enumerate(res.due_s) if lo <= due < hi]
+
+
+def _p99(res: RunResult, idx: list[int]) -> float:
+    """p99 (ms) of the service time (from the actual send) of the admitted requests."""
+    ok = [res.service_s[i] for i in idx if res.status[i] == 200]
     return float(np.percentile(ok, 99)) * 1000 if ok else math.nan
+
+
+def _count(res: RunResult, idx: list[int], status: int) -> int:
+    return sum(res.status[i] == status for i in idx)
 
 
 def _schedule(rate: float, seconds: float, start: float, rng: np.random.Generator) -> list[float]:
@@ -190,42 +195,44 @@ LEAD_S, OVER_S, TAIL_S = 2.0, 20.0, 8.0
 
 
 def measure_overload(port: int, bodies: list[bytes]) -> Overload:
-    async def run() -> tuple[list[Shot], list[Shot]]:
-        client = RawHttp("127.0.0.1", port, "application/x-protobuf")
+    async def run() -> tuple[RunResult, RunResult]:
+        pool = HttpPool(LOOPBACK, port)
         try:
-            await closed_loop(client, bodies, QUEUE, 2.0)  # warm up
+            await closed_loop(pool, "/v1/rank", bodies, concurrency=QUEUE, duration_s=2.0,
+                              content_type=PROTOBUF, timeout_s=30)  # warm up
             # Steady full load: QUEUE clients back to back, which the queue always admits.
-            steady = await closed_loop(client, bodies, QUEUE, 5.0)
-            cap = sum(s.status == 200 for s in steady) / 5.0
+            steady = await closed_loop(pool, "/v1/rank", bodies, concurrency=QUEUE,
+                                       duration_s=5.0, content_type=PROTOBUF, timeout_s=30)
+            cap = steady.ok / 5.0
             rng = np.random.default_rng(5)
             offsets = (_schedule(cap / 2, LEAD_S, 0.0, rng)
                        + _schedule(2 * cap, OVER_S, LEAD_S, rng)
                        + _schedule(cap / 2, TAIL_S, LEAD_S + OVER_S, rng))
-            return steady, await open_loop(client, bodies, offsets, timeout_s=30)
+            return steady, await open_loop(pool, "/v1/rank", bodies, offsets,
+                                           content_type=PROTOBUF, timeout_s=30)
         finally:
-            await client.close()
+            await pool.close()
 
     steady, shots = asyncio.run(run())
-    cap = sum(s.status == 200 for s in steady) / 5.0
-    steady_p99 = _p99(steady)
+    cap = steady.ok / 5.0
+    steady_p99 = _p99(steady, _window(steady))
     end = LEAD_S + OVER_S
-    during = [s for s in shots if LEAD_S <= s.due < end]
+    during = _window(shots, LEAD_S, end)
     # Recovery: the first 1 s window after the overload in which every request was admitted
     # with a p99 within 2x steady; from then on, no more 429s.
     recovered = math.inf
     for k in range(int(TAIL_S)):
-        w = [s for s in shots if end + k <= s.due < end + k + 1]
-        if w and all(s.status == 200 for s in w) and _p99(w) <= 2 * steady_p99:
+        w = _window(shots, end + k, end + k + 1)
+        if w and _count(shots, w, 200) == len(w) and _p99(shots, w) <= 2 * steady_p99:
             recovered = float(k)
             break
-    errors = Counter(s.error or f"HTTP {s.status}" for s in steady + shots
-                     if s.status not in (200, 429))
-    half = [s for s in shots if s.due < LEAD_S or s.due >= end + max(recovered, 1.0)]
-    return Overload(cap, steady_p99, 2 * cap, len(during),
-                    sum(s.status == 200 for s in during), sum(s.status == 429 for s in during),
-                    _p99(during), recovered,
-                    sum(s.status == 429 for s in shots if s.due >= end + recovered), errors,
-                    _p99(half))
+    errors = Counter(steady.errors + shots.errors) + Counter(
+        f"HTTP {s}" for s in steady.status + shots.status if s not in (200, 429, -1))
+    half = _window(shots, hi=LEAD_S) + _window(shots, lo=end + max(recovered, 1.0))
+    return Overload(cap, steady_p99, 2 * cap, len(during), _count(shots, during, 200),
+                    _count(shots, during, 429), _p99(shots, during), recovered,
+                    _count(shots, _window(shots, lo=end + recovered), 429), errors,
+                    _p99(shots, half))
 
 
 def test_r5_twice_capacity_sheds_with_429_keeps_admitted_p99_and_recovers(
@@ -243,8 +250,9 @@ def test_r5_twice_capacity_sheds_with_429_keeps_admitted_p99_and_recovers(
     admitted p99 grows several-fold: shedding happens after uvicorn's pure-Python HTTP
     parsing and FastAPI's routing.)
 
-    Latency is measured from each request's actual send, so a generator starved of CPU
-    by its neighbours is not charged to the server. On a shared machine a noisy neighbour
+    The p99s are of the service time (RunResult.service_s, from each request's actual
+    send), not of the latency from the schedule: a generator starved of CPU by its
+    neighbours is not charged to the server. On a shared machine a noisy neighbour
     can spoil a 40 s measurement: a second attempt is made before failing; both print.
     """
     bodies = _bodies(stack)

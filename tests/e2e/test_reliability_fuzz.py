@@ -43,6 +43,7 @@ from deploy_controller.app import build_app
 from deploy_controller.config import ControllerConfig
 from deploy_controller.fake import FakeFleet
 from deploy_controller.gates import GateConfig
+from loadtest.harness.probes import grpc_serving
 from loadtest.harness.process import ServerProcess
 from modelpack.hashing import shard_range
 from modelpack.manifest import read_manifest
@@ -52,7 +53,6 @@ from ranker_server.app import create_app
 from ranker_server.config import RankerConfig
 from ranker_server.inprocess import serve_in_process
 from tests.helpers_store import tiny_request, tiny_version
-from tests.stack import serving
 
 pytestmark = pytest.mark.slow
 
@@ -296,7 +296,7 @@ def shard(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with ServerProcess.module("embedding_server", "--store", str(tiny_store), "--shard", "1",
                               "--num-shards", "2", "--preload", "tiny/v1", "--metrics-port", "0",
                               "--max-rows-per-request", "100000", log_dir=d, name="shard1",
-                              ready=serving) as s:
+                              ready=grpc_serving) as s:
         yield s
 
 
@@ -379,7 +379,7 @@ def test_r6_grpc_lookup_fuzz_never_crashes(shard: ServerProcess, tiny_store: Pat
                     pb.TableLookup(table="unified", rows=b"\0" * (5 << 20))]), timeout=30)
             seen[f"big:{big.value.code().name}"] += 1
         shard.check_alive()
-        assert serving(shard)
+        assert grpc_serving(shard)
         # Still exact: a good lookup equals the shard file's bytes.
         m = read_manifest(tiny_store / "tiny" / "v1")
         t = m.table("unified")

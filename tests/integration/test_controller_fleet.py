@@ -15,10 +15,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy_controller.config import ControllerConfig
 from deploy_controller.discovery import LocalDiscovery, Topology
@@ -27,30 +25,13 @@ from deploy_controller.fleet import FleetError, RemoteFleet
 from deploy_controller.gates import parse_metrics
 from deploy_controller.journal import Journal
 from deploy_controller.state import Status
+from loadtest.harness.probes import grpc_serving, http_ready
 from loadtest.harness.process import ServerProcess, start_all
 from modelpack.manifest import parse_manifest, write_manifest
 from tests.helpers_store import tiny_version
 
 MODEL = "tiny"
 TOKEN = "integration-token"
-
-
-def _serving(s: ServerProcess) -> bool:
-    with grpc.insecure_channel(s.address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="hybrid.embedding.v1.EmbeddingService"),
-                timeout=1)
-        except grpc.RpcError:
-            return False
-    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def _ready(s: ServerProcess) -> bool:
-    try:
-        return httpx.get(f"http://{s.address}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +52,12 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topology, P
     shards = [ServerProcess.module(
         "embedding_server", "--store", str(store), "--shard", str(k), "--num-shards", "2",
         "--preload", f"{MODEL}/v1", "--admin-token-file", str(d / "token"),
-        log_dir=d, name=f"shard{k}", ready=_serving) for k in range(2)]
+        log_dir=d, name=f"shard{k}", ready=grpc_serving) for k in range(2)]
     start_all(shards)
     ranker = ServerProcess.module(
         "ranker_server", "--store", str(store), "--model", MODEL, "--version", "v1",
         "--embedding-shards", ",".join(s.address for s in shards), "--device", "cpu",
-        "--admin-token-file", str(d / "token"), log_dir=d, name="ranker", ready=_ready)
+        "--admin-token-file", str(d / "token"), log_dir=d, name="ranker", ready=http_ready)
     try:
         ranker.start().wait_ready()
         yield (Topology((f"http://{ranker.address}",), tuple((s.address,) for s in shards)), d)

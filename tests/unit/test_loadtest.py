@@ -6,12 +6,15 @@ scripts themselves run as real `locust` processes in tests/e2e/test_loadtest_cli
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,14 @@ import pytest
 
 from deploy_controller.journal import Journal, read_rollouts
 from deploy_controller.state import Outcome, Step, next_step, plan
+from loadtest.harness.load import (
+    HttpError,
+    HttpPool,
+    RunResult,
+    closed_loop,
+    open_loop,
+    percentiles,
+)
 from loadtest.locust import report
 from loadtest.locust.served import (
     EvalSet,
@@ -33,15 +44,9 @@ from loadtest.locust.served import (
     step_at,
     target_host,
 )
-from loadtest.stack.local import (
-    StackConfig,
-    env_text,
-    fleet_json,
-    process_start,
-    ranker_args,
-    shard_args,
-    still_running,
-)
+from loadtest.stack.commands import fleet_json, ranker_args, shard_args
+from loadtest.stack.local import StackConfig
+from loadtest.stack.state import env_text, process_start, still_running
 from modelpack.train import auc as reference_auc
 
 
@@ -228,3 +233,87 @@ def test_report_reads_locust_history_journal_and_draws(tmp_path: Path) -> None:
     assert report.main(["--csv", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 1
     bins, p99 = report.p99_by_bin(read_request_log(Path(f"{prefix}_requests.csv")), 2.0)
     assert bins.size == 15 and np.all(p99 >= 10)
+
+
+# ------------------------------------------------------------------ the load generator
+
+
+async def _serve(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                 ) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n")
+                  if ln.lower().startswith(b"content-length"))
+    return await reader.readexactly(length)
+
+
+def test_pool_resends_once_when_the_server_closed_a_keepalive_connection() -> None:
+    """A server that answers one request per connection and then closes it without saying
+    so (what uvicorn does to a connection idle past its keep-alive timeout)."""
+
+    async def one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.close()
+
+    async def run() -> None:
+        server, port = await _serve(one_per_connection)
+        pool = HttpPool("127.0.0.1", port)
+        for i in range(3):  # 2nd and 3rd go out on a connection the server has closed
+            assert await pool.request("POST", "/x", b"ping%d" % i) == (200, b"ping%d" % i)
+            await asyncio.sleep(0.05)
+        await pool.close()
+        server.close()
+        server, port = await _serve(never_answers)
+        pool = HttpPool("127.0.0.1", port)
+        with pytest.raises(HttpError):  # a fresh connection that fails is not sent again
+            await pool.request("POST", "/x", b"ping")
+        res = await closed_loop(pool, "/x", [b"a"], concurrency=2, duration_s=5,
+                                content_type="text/plain", max_requests=4)
+        assert res.status == [-1] * 4 and len(res.errors) == 4
+        await pool.close()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_open_loop_latency_counts_from_the_schedule() -> None:
+    """One request at a time, 50 ms each, offered 10 at once: the 10th waits ~450 ms for
+    the server. latency_s (from the schedule) shows the queue; the labels and due times
+    are kept per request."""
+    busy = asyncio.Lock()
+
+    async def serial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                body = await _read_request(reader)
+                async with busy:
+                    await asyncio.sleep(0.05)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+
+    async def run() -> RunResult:
+        server, port = await _serve(serial)
+        pool = HttpPool("127.0.0.1", port)
+        try:
+            return await open_loop(pool, "/x", [b"%d" % i for i in range(10)], [0.0] * 10,
+                                   content_type="text/plain", label=lambda s, b: b.decode())
+        finally:
+            await pool.close()
+            server.close()
+
+    res = asyncio.run(run())
+    assert res.status == [200] * 10 and res.labels == [str(i) for i in range(10)]
+    assert res.due_s == [0.0] * 10
+    assert max(res.latency_s) >= 0.45 and min(res.latency_s) >= 0.05
+    assert all(lat >= svc for lat, svc in zip(res.latency_s, res.service_s, strict=True))
+    assert percentiles(res.ok_latencies())["max_ms"] >= 450
