@@ -35,19 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from loadtest.bench.pipeline_load import Recorder, Served, StepResult, serve, stage_costs
+from loadtest.bench.pipeline_load import Recorder, Served, StepResult, loaded_version, serve, stage_costs
 from loadtest.bench.plotting import Panel
 from loadtest.bench.record import RESULTS, BenchRecord
 from loadtest.bench.workload import build_requests, encode_bodies, version_dir
 from loadtest.harness.load import schedule
-from modelpack.dense import load_dense
-from modelpack.manifest import read_manifest
 from modelpack.scorer import OfflineScorer
 from ranker_server.config import ConfigError
 from ranker_server.device import Device
 from ranker_server.local_tables import LocalTables
 from ranker_server.pipeline import Pipeline
-from ranker_server.versions import LoadedVersion
 
 TARGET_CANDIDATES_PER_S = 1_000_000
 TARGET_P99_MS = 20.0
@@ -79,11 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace, device: Device) -> Served:
     vdir = version_dir(args.store)
-    m = read_manifest(vdir)
+    version = loaded_version(vdir, device)
     source = LocalTables(vdir.parent.parent)
-    source.open_version(m)
-    version = LoadedVersion(m, vdir, device.place_module(
-        load_dense(vdir / m.dense.path, m.dense.architecture, m.dense.config)))
+    source.open_version(version.manifest)
     requests = build_requests(vdir / "eval.jsonl", args.requests, args.candidates, args.seed)
     metrics = Recorder()
     return Served(Pipeline(device, source, metrics), version, args.body,

@@ -17,15 +17,26 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from modelpack.dense import load_dense
+from modelpack.manifest import read_manifest
 from modelpack.requests import DecodedRequest, Envelope
 from ranker_server import codec
+from ranker_server.device import Device
 from ranker_server.pipeline import Pipeline, forward, merge_requests, plan_lookups, stage_inputs
 from ranker_server.versions import LoadedVersion
+
+
+def loaded_version(vdir: Path, device: Device) -> LoadedVersion:
+    """A version's manifest and dense model on `device`, as the ranker's lifecycle loads it."""
+    m = read_manifest(vdir)
+    return LoadedVersion(m, vdir, device.place_module(
+        load_dense(vdir / m.dense.path, m.dense.architecture, m.dense.config)))
 
 
 class Samples:

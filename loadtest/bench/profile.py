@@ -1,4 +1,4 @@
-"""py-spy profiling of a server under load, folded into categories for the JSON report."""
+"""py-spy profiling of a server under load (embedding server, ranker), folded into categories."""
 
 from __future__ import annotations
 
@@ -116,3 +116,71 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
             "top_innermost": share(leaf), "top_python_inclusive": share(incl),
             "top_stacks_innermost_8_frames": [{"stack": st, "samples": v}
                                               for st, v in stacks.most_common(25)]}
+
+
+# --------------------------------------------------------------------------- the ranker
+
+# Leaf frames where a ranker thread only waits (py-spy's idle detection misses these).
+_RANKER_IDLE_LEAVES = ("_worker (concurrent/futures/thread.py", "Thread.run (threading.py",
+                       "EpollSelector.select (selectors.py", "Condition.wait (threading.py",
+                       "Event.wait (threading.py")
+# Where a ranker sample's time goes: the first category (in this order) any frame matches.
+_RANKER_CATEGORIES = (
+    ("dequantize + pool + dense forward (compute thread)", ("forward (ranker_server/pipeline.py",)),
+    ("stage dense inputs (stage thread)", ("stage_inputs (ranker_server/pipeline.py",)),
+    ("protobuf decode + validate (codec)", ("(ranker_server/codec.py",)),
+    ("hash IDs / plan rows / merge", ("plan_lookups (", "merge_requests (")),
+    ("gRPC lookup client", ("(embedding_server/client.py", "(grpc/", "(ranker_server/remote_tables.py")),
+    ("batcher + pipeline glue", ("(ranker_server/batcher.py", "(ranker_server/pipeline.py")),
+    ("metrics", ("(prometheus_client/",)),
+    ("rank handler (api.py, own lines)", ("rank (ranker_server/api.py",)),
+    ("HTTP server + ASGI framework (uvicorn, h11, starlette, fastapi)",
+     ("(uvicorn/", "(h11/", "(starlette/", "(fastapi/")),
+    ("asyncio event loop", ("(asyncio/",)),
+)
+
+
+def ranker_category(frames: Sequence[str]) -> str:
+    """The pipeline stage of one ranker stack (outermost frame first)."""
+    if frames[-1].startswith(_RANKER_IDLE_LEAVES):
+        return "idle (waiting for work)"
+    for name, needles in _RANKER_CATEGORIES:
+        if any(n in fr for fr in frames for n in needles):
+            return name
+    return "other"
+
+
+def profile_ranker(pid: int, seconds: float, raw: Path) -> dict[str, Any]:
+    """py-spy the ranker's Python threads for `seconds` (the caller keeps it loaded): shares
+    of the samples by pipeline stage, by thread, by innermost and inclusive frame."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+           "--threads", "--format", "raw", "--output", str(raw)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode != 0 or not raw.exists():
+        return {"error": f"py-spy failed ({proc.returncode}): {proc.stderr[-800:]}"}
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    cats: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        count, frames = int(n), stack.split(";")
+        total += count
+        threads[frames[0]] += count
+        cats[ranker_category(frames[1:])] += count
+        self_c[frames[-1]] += count
+        for fr in set(frames[1:]):
+            incl[fr] += count
+
+    def top(c: Counter[str], k: int = 20) -> list[dict[str, Any]]:
+        return [{"frame": f, "share": v / total} for f, v in c.most_common(k)]
+
+    busy = total - cats["idle (waiting for work)"]
+    return {"samples": total, "rate_hz": 100, "seconds": seconds, "categories": top(cats, 20),
+            "categories_share_of_busy": {k: v / busy for k, v in cats.most_common()
+                                         if not k.startswith("idle")} if busy else {},
+            "threads": top(threads, 8), "top_self": top(self_c, 25), "top_inclusive": top(incl, 40)}

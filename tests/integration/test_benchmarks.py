@@ -22,7 +22,7 @@ from loadtest.bench.workload import build_requests
 from modelpack.demo import DemoSize, build_demo_store
 from modelpack.scorer import OfflineScorer
 
-DRIVERS = ("gpu", "embedding", "scale", "ranker")
+DRIVERS = ("gpu", "embedding", "scale", "hybrid_tax", "serving_tax")
 
 
 @pytest.fixture(scope="module")
