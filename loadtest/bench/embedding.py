@@ -19,20 +19,17 @@ what the targets judge (>= 0.85x at 16384 rows, >= 0.7x at 4096, p99 <= 2 ms per
 Optionally (`--workers`, default on) the same server with `--workers 2` is compared
 with one worker, both unpinned. Results: JSON (with os.getloadavg() before/after) + PNG.
 
-The shared helpers live in loadtest/bench/lookup_harness.py (also used by bench_scale) and
-loadtest/bench/profile.py.
+Shared helpers: lookup_harness.py and grpc_driver.py (also used by P3, scale.py), profile.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,40 +38,30 @@ import grpc
 import numpy as np
 import torch
 
+from loadtest.bench.grpc_driver import GrpcDriver, Run, measure_floor, run_anchor, summarize, target
 from loadtest.bench.lookup_harness import (
     BATCHES,
     CLIENT_CPU,
     MODEL,
     MODES,
-    RESULTS,
     SERVER_CPU,
     Cell,
-    EmbeddingServer,
-    GrpcDriver,
     MappedTable,
-    Run,
     anchor_call,
     check_answer,
-    child_pids,
-    cpu_seconds,
     in_process_servicer,
-    loadavg,
     log,
     lookup_request,
     map_table,
-    measure_floor,
-    pin,
-    pin_process,
     random_rows,
     reuse_or_write,
-    run_anchor,
-    smaps_rollup,
-    summarize,
-    target,
+    start_server,
 )
-from loadtest.bench.profile import (
-    profile_server,
-)
+from loadtest.bench.plotting import Panel
+from loadtest.bench.profile import profile_server
+from loadtest.bench.record import RESULTS, BenchRecord
+from loadtest.harness.process import ServerProcess
+from loadtest.harness.procfs import child_pids, cpu_seconds, loadavg, pin, pin_process, smaps_rollup
 
 # --------------------------------------------------------------------------- P1
 
@@ -116,7 +103,7 @@ def judge_cell(c: Cell, s: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], l
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench_embedding", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench.embedding", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=20_000_000, help="table rows (default 20M)")
     p.add_argument("--dim", type=int, default=32, help="embedding dim (default 32)")
     p.add_argument("--seconds", type=float, default=2.0,
@@ -186,22 +173,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         pin({CLIENT_CPU})
     batches = [int(b) for b in args.batches.split(",")]
     cells = [Cell(m, b) for m in MODES for b in batches]
-    load_start = loadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-embedding-"))
     store = args.table_dir or tmp / "store"
     version = f"r{args.rows}d{args.dim}"
-    result: dict[str, Any] = {"benchmark": "P1 embedding lookups: gRPC vs in-process",
-                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:]}
-    servers: list[EmbeddingServer] = []
+    rec = BenchRecord("P1 embedding lookups: gRPC vs in-process",
+                      compared="python -m embedding_server over loopback gRPC (server pinned to one "
+                               "core, client to the other), 1 and 2 closed-loop callers",
+                      anchor="the server's own kernel on the same memory-mapped table, in-process, "
+                             "one pinned thread", device="cpu",
+                      config={k: str(v) for k, v in vars(args).items()})
+    result = rec.results
+    servers: list[ServerProcess] = []
     try:
         manifest, write_s = reuse_or_write(store, version, args.rows, args.dim, seed=7)
         table = map_table(store / MODEL / version, args.rows, args.dim)
         result["table"] = {"rows": args.rows, "dim": args.dim, "bytes": args.rows * (4 + args.dim // 2),
                            "write_seconds": None if write_s is None else round(write_s, 2),
                            "reused": write_s is None}
-        srv = EmbeddingServer(store, [f"{MODEL}/{version}"], tmp, name="w1",
-                              cpus={SERVER_CPU} if pinning else None)
-        servers.append(srv.start())
+        srv = start_server(store, [f"{MODEL}/{version}"], tmp, name="w1",
+                           cpus={SERVER_CPU} if pinning else None)
+        servers.append(srv)
         log.info("server pid %d on %s, ready in %.1fs", srv.pid, srv.address, srv.ready_s)
         driver = GrpcDriver(srv.address, 2)
         rng = np.random.default_rng(0)
@@ -246,24 +237,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for server in servers:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)  # logs, profiles, and the table unless --table-dir
-    result["host"] = {"cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": loadavg(),
-                      "python": sys.version.split()[0], "torch": torch.__version__,
-                      "grpc": grpc.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot_p1(result, args.out.with_suffix(".png"))
-    print_summary(result)
+    rec.host["grpc"] = grpc.__version__
+    targets = result.get("targets", [])
+    rec.verdict = {"targets_met": sum(t["met"] for t in targets), "targets": len(targets),
+                   "missed": [t["name"] for t in targets if not t["met"]]}
+    rec.write(args.out, p1_panels(result),
+              title=f"P1: {args.rows / 1e6:g}M x {args.dim} INT4 table, loopback gRPC (server "
+                    "pinned to 1 core) vs in-process kernel",
+              note="2-core machine shared with other jobs; compare ratios within this run only.")
+    print_summary(result, rec.host)
     return 0
 
 
 def compare_workers(args: argparse.Namespace, store: Path, version: str, fp: str, table: MappedTable,
-                    w1: EmbeddingServer, tmp: Path, servers: list[EmbeddingServer],
+                    w1: ServerProcess, tmp: Path, servers: list[ServerProcess],
                     rng: np.random.Generator) -> dict[str, Any]:
     """--workers 1 vs --workers 2, both unpinned (client too), interleaved, 2 and 4 callers."""
     pin(None)
     pin_process(w1.pid, None)
-    w2 = EmbeddingServer(store, [f"{MODEL}/{version}"], tmp, name="w2", extra=["--workers", "2"])
-    servers.append(w2.start())
+    w2 = start_server(store, [f"{MODEL}/{version}"], tmp, name="w2", extra=["--workers", "2"])
+    servers.append(w2)
     cells = [Cell(m, b) for m in MODES for b in (4096, 16384)]
     d1, d2 = GrpcDriver(w1.address, 4), GrpcDriver(w2.address, 4)
     # SO_REUSEPORT spreads connections by hash: count how many reached each worker process.
@@ -294,9 +287,7 @@ def compare_workers(args: argparse.Namespace, store: Path, version: str, fp: str
     return out
 
 
-def plot_p1(result: dict[str, Any], path: Path) -> None:
-    from loadtest.bench.plotting import Panel, save_panels
-
+def p1_panels(result: dict[str, Any]) -> list[Panel]:
     panels = []
     for mode in MODES:
         cells = [c for c in result["cells"] if c["mode"] == mode]
@@ -314,14 +305,10 @@ def plot_p1(result: dict[str, Any], path: Path) -> None:
              "wall-clock rows/s, 1 caller": [c["ratio_wall"]["1"] for c in cells],
              "wall-clock rows/s, 2 callers": [c["ratio_wall"]["2"] for c in cells]},
             ylabel="ratio", targets={"target 4096: 0.7x": 0.7, "target 16384: 0.85x": 0.85}))
-    h = result["host"]
-    save_panels(path, f"P1: {result['table']['rows'] / 1e6:g}M x {result['table']['dim']} INT4 table, "
-                "loopback gRPC (server pinned to 1 core) vs in-process kernel", panels,
-                note=f"loadavg start {h['loadavg_start']} end {h['loadavg_end']} (2-core machine "
-                "shared with other jobs; compare ratios within this run only)")
+    return panels
 
 
-def print_summary(result: dict[str, Any]) -> None:
+def print_summary(result: dict[str, Any], host: dict[str, Any]) -> None:
     print(f"{'cell':>13} {'kernel r/cpu-s':>14} {'server r/cpu-s':>14} {'cpu ratio':>9} "
           f"{'gRPC2 r/s':>10} {'wall ratio':>10} {'p50 ms':>7} {'p99 ms':>7} {'ovh us':>7}")
     for c in result["cells"]:
@@ -341,7 +328,7 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"  {c['mode']}-{c['batch']}: " + ", ".join(
             f"{k} {v['rows_per_s']:.3g} rows/s ({v.get('rows_per_cpu_s', 0):.3g}/server CPU-s)"
             for k, v in c.items() if k.startswith("workers_")))
-    print(f"loadavg start {result['host']['loadavg_start']} end {result['host']['loadavg_end']}")
+    print(f"loadavg start {host['loadavg_start']} end {host['loadavg_end']}")
 
 
 if __name__ == "__main__":
