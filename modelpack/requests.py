@@ -6,6 +6,11 @@ The JSON request format (also the format of each version's eval.jsonl):
 Single-valued sparse features take one integer ID, multi-valued ones a list of IDs
 (longer lists keep their first `max_length` IDs), dense features a finite number.
 Every fault raises RequestError naming the field, so the ranker can answer 4xx.
+
+A request is read in two parts: its Envelope (`parse_envelope`: request id, model,
+version pin, timeout), checked once and cheaply before any feature is looked at, and
+its features (`decode_features`), validated against the version's schema into a
+DecodedRequest, which carries features only, so a merged batch is one too.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpack.hashing import rows_for
-from modelpack.schema import FeatureSchema, Side, TableSpec
+from modelpack.schema import DenseFeature, FeatureSchema, Side, TableSpec
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _TOP_LEVEL = {"request_id", "model", "timeout_ms", "user", "candidates", "labels", "version"}
+MAX_REQUEST_ID = 256
 
 
 class RequestError(ValueError):
@@ -40,15 +46,38 @@ class SparseColumn:
     lengths: npt.NDArray[np.int64]
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """What a request says about itself besides its features; build it with `checked`."""
+
+    request_id: str = ""
+    model: str = ""  # "" = whatever model the ranker serves
+    version: str | None = None  # pin to a loaded version instead of the traffic split
+    timeout_ms: int | None = None  # None = the server's default
+
+    @classmethod
+    def checked(cls, request_id: Any, model: Any, version: Any, timeout_ms: Any) -> Envelope:
+        """The one validation of an envelope, whatever the body format it came in."""
+        if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID:
+            raise RequestError("request_id",
+                               f"must be a string of at most {MAX_REQUEST_ID} characters")
+        if not isinstance(model, str):
+            raise RequestError("model", "must be a string")
+        if version is not None and not isinstance(version, str):
+            raise RequestError("version", "must be a string naming a loaded version")
+        if timeout_ms is not None and (isinstance(timeout_ms, bool)
+                                       or not isinstance(timeout_ms, int) or timeout_ms <= 0):
+            raise RequestError("timeout_ms", "must be a positive integer (milliseconds)")
+        return cls(request_id, model, version, timeout_ms)
+
+
 @dataclass
 class DecodedRequest:
-    """A validated request: sparse columns per feature and the normalized dense matrix."""
+    """Validated features of one request or of a merged batch (no envelope): sparse columns
+    per feature and the normalized dense matrix."""
 
-    request_id: str
-    model: str
-    timeout_ms: int | None
     num_candidates: int
-    sparse: dict[str, SparseColumn]  # user features: 1 entity; candidate features: N
+    sparse: dict[str, SparseColumn]  # user features: one entity per request; candidates: N
     dense: npt.NDArray[np.float32]  # (N, num_dense) normalized, schema.dense order
 
 
@@ -128,22 +157,27 @@ def _multi_column(name: str, max_length: int, ents: list[Any], user: bool) -> Sp
     return SparseColumn(np.array(ids, dtype=np.int64), np.array(lengths, dtype=np.int64))
 
 
-def decode_request(schema: FeatureSchema, req: Any, *, max_candidates: int = 1000) -> DecodedRequest:
-    """Validate a JSON-shaped request against `schema` and convert it to arrays."""
+def parse_envelope(req: Any) -> Envelope:
+    """The envelope of a JSON-shaped request; also refuses unknown top-level fields."""
     if not isinstance(req, dict):
         raise RequestError("body", "must be a JSON object")
     for key in req:
         if key not in _TOP_LEVEL:
             raise RequestError(key, f"unknown field (expected {sorted(_TOP_LEVEL)})")
-    rid = req.get("request_id", "")
-    if not isinstance(rid, str) or len(rid) > 256:
-        raise RequestError("request_id", "must be a string of at most 256 characters")
-    model = req.get("model", "")
-    if not isinstance(model, str):
-        raise RequestError("model", "must be a string")
-    timeout = req.get("timeout_ms")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
-        raise RequestError("timeout_ms", "must be a positive integer (milliseconds)")
+    return Envelope.checked(req.get("request_id", ""), req.get("model", ""), req.get("version"),
+                            req.get("timeout_ms"))
+
+
+def decode_request(schema: FeatureSchema, req: Any, *, max_candidates: int = 1000
+                   ) -> DecodedRequest:
+    """A whole JSON-shaped request checked and decoded (offline: eval.jsonl, training)."""
+    parse_envelope(req)
+    return decode_features(schema, req, max_candidates=max_candidates)
+
+
+def decode_features(schema: FeatureSchema, req: dict[str, Any], *, max_candidates: int = 1000
+                    ) -> DecodedRequest:
+    """Validate the features of a request whose envelope `parse_envelope` has read."""
     user = _check_entity(req.get("user"), "user", schema, "user")
     cands = req.get("candidates")
     if not isinstance(cands, list) or not cands:
@@ -173,15 +207,18 @@ def decode_request(schema: FeatureSchema, req: Any, *, max_candidates: int = 100
             raw = np.array([_number(user[df.name], f"user.{df.name}")])
         else:
             raw = _float_column(df.name, [c[df.name] for c in cands])
-        with np.errstate(over="ignore", invalid="ignore"):
-            col = df.normalize_array(raw).astype(np.float32)
-        if not np.isfinite(col).all():
-            i = int(np.flatnonzero(~np.isfinite(col))[0])
-            where = "user" if df.side == "user" else f"candidates[{i}]"
-            raise RequestError(f"{where}.{df.name}", "value overflows float32 after normalization")
-        dense[:, j] = col
-    return DecodedRequest(request_id=rid, model=model, timeout_ms=timeout, num_candidates=n,
-                          sparse=sparse, dense=dense)
+        dense[:, j] = normalized(df, raw)
+    return DecodedRequest(num_candidates=n, sparse=sparse, dense=dense)
+
+
+def normalized(df: DenseFeature, raw: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """`df.normalize_array(raw)` for finite `raw`; a value it overflows is refused by name."""
+    col = df.normalize_array(raw)
+    if not np.isfinite(col).all():
+        i = int(np.flatnonzero(~np.isfinite(col))[0])
+        where = f"user.{df.name}" if df.side == "user" else f"candidates[{i}].{df.name}"
+        raise RequestError(where, "value overflows float32 once normalized")
+    return col
 
 
 @dataclass

@@ -58,22 +58,20 @@ class DenseFeature:
     mean: float = 0.0
     std: float = 1.0
 
-    def normalize_array(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Vectorized `normalize` (same arithmetic, in float64)."""
-        if self.normalization == "none":
-            return x
-        if self.normalization == "log1p_standard":
-            x = np.log1p(np.maximum(x, 0.0))
-        return (x - self.mean) / self.std
+    def normalize_array(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The model's input for raw values `x`: the one normalization, offline and served.
 
-    def normalize(self, x: float) -> float:
-        import math
-
-        if self.normalization == "none":
-            return x
-        if self.normalization == "log1p_standard":
-            x = math.log1p(max(x, 0.0))
-        return (x - self.mean) / self.std
+        The arithmetic runs in float64 and is rounded to float32 once; a value that
+        normalization carries past float32's range comes out as inf, for the caller to
+        refuse naming its field.
+        """
+        v = np.asarray(x, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.normalization == "log1p_standard":
+                v = np.log1p(np.maximum(v, 0.0))
+            if self.normalization != "none":
+                v = (v - self.mean) / self.std
+            return v.astype(np.float32)
 
 
 @dataclass(frozen=True)

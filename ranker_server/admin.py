@@ -4,6 +4,10 @@ The deploy controller drives rollouts through exactly these endpoints. Errors ar
 `{"detail": message}` with 401 (no or wrong token), 403 (admin API disabled), 404 (no
 such version), 409 (state forbids it: not prepared, still has traffic, shards disagree)
 and 422 (malformed body or a version that fails verification).
+
+Every route is authorized once, by the router's dependency, before anything reads the
+request's body: handlers take no body parameters (FastAPI would read those before
+running dependencies) and read the body themselves, after the token was checked.
 """
 
 from __future__ import annotations
@@ -13,22 +17,16 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from ranker_server.versions import AdminError
+from ranker_server.errors import AdminError
 
 if TYPE_CHECKING:
     from ranker_server.app import RankerState
 
-router = APIRouter(prefix="/admin/v1")
 
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json",
-                    headers=headers)
-
-
-def _authorized(request: Request) -> RankerState:
+async def _authorize(request: Request) -> None:
+    """Every admin route's first step: the admin API is on and the bearer token matches."""
     st: RankerState = request.state.ranker
     if st.admin_token is None:
         raise AdminError(403, "admin API disabled: start the ranker with --admin-token-file")
@@ -36,6 +34,17 @@ def _authorized(request: Request) -> RankerState:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                             st.admin_token.encode()):
         raise AdminError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_authorize)])
+
+
+def _json(body: Any) -> Response:
+    return Response(json.dumps(body), media_type="application/json")
+
+
+def _state(request: Request) -> RankerState:
+    st: RankerState = request.state.ranker
     return st
 
 
@@ -49,78 +58,53 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _fail(e: AdminError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return _json({"detail": e.message}, e.status, headers)
-
-
 @router.get("/versions")
 async def list_versions(request: Request) -> Response:
     """`{model, active, split, versions: [{version, fingerprint, state, traffic_share, ...}]}`."""
-    try:
-        return _json(_authorized(request).registry.listing())
-    except AdminError as e:
-        return _fail(e)
+    return _json(_state(request).registry.listing())
 
 
 @router.post("/versions")
 async def load_version(request: Request) -> Response:
     """Body `{"version": str}`: load STORE/MODEL/VERSION's dense model beside the others."""
-    try:
-        st = _authorized(request)
-        version = (await _body(request)).get("version")
-        if not isinstance(version, str):
-            raise AdminError(422, "version: must be a string")
-        lv = await st.lifecycle.load(version)
-        return _json(st.registry.info(lv))
-    except AdminError as e:
-        return _fail(e)
+    st = _state(request)
+    version = (await _body(request)).get("version")
+    if not isinstance(version, str):
+        raise AdminError(422, "version: must be a string")
+    return _json(st.registry.info(await st.lifecycle.load(version)))
 
 
 @router.post("/versions/{version}/prepare")
 async def prepare_version(version: str, request: Request) -> Response:
     """Handshake: every shard replica must report the version READY with our fingerprint."""
-    try:
-        st = _authorized(request)
-        lv = await st.lifecycle.prepare(version)
-        return _json(st.registry.info(lv))
-    except AdminError as e:
-        return _fail(e)
+    st = _state(request)
+    return _json(st.registry.info(await st.lifecycle.prepare(version)))
 
 
 @router.post("/versions/{version}/activate")
 async def activate_version(version: str, request: Request) -> Response:
     """Make a prepared version the only one taking traffic; answers the new listing."""
-    try:
-        st = _authorized(request)
-        await st.lifecycle.activate(version)
-        return _json(st.registry.listing())
-    except AdminError as e:
-        return _fail(e)
+    st = _state(request)
+    await st.lifecycle.activate(version)
+    return _json(st.registry.listing())
 
 
 @router.put("/split")
 async def set_split(request: Request) -> Response:
     """Body `{"split": {version: share}}`: prepared versions, shares >= 0 summing to 1."""
-    try:
-        st = _authorized(request)
-        split = (await _body(request)).get("split")
-        if not isinstance(split, dict):
-            raise AdminError(422, "split: must be an object mapping version to share")
-        await st.lifecycle.set_split(split)
-        return _json(st.registry.listing())
-    except AdminError as e:
-        return _fail(e)
+    st = _state(request)
+    split = (await _body(request)).get("split")
+    if not isinstance(split, dict):
+        raise AdminError(422, "split: must be an object mapping version to share")
+    await st.lifecycle.set_split(split)
+    return _json(st.registry.listing())
 
 
 @router.delete("/versions/{version}")
 async def unload_version(version: str, request: Request, timeout_s: float = 30.0) -> Response:
     """Unload a version without traffic once its in-flight requests finish (or 409)."""
-    try:
-        st = _authorized(request)
-        if not (math.isfinite(timeout_s) and 0 <= timeout_s <= 3600):
-            raise AdminError(422, f"timeout_s: must be in [0, 3600], got {timeout_s}")
-        await st.lifecycle.unload(version, timeout_s)
-        return _json(st.registry.listing())
-    except AdminError as e:
-        return _fail(e)
+    st = _state(request)
+    if not (math.isfinite(timeout_s) and 0 <= timeout_s <= 3600):
+        raise AdminError(422, f"timeout_s: must be in [0, 3600], got {timeout_s}")
+    await st.lifecycle.unload(version, timeout_s)
+    return _json(st.registry.listing())

@@ -1,4 +1,8 @@
-"""Public HTTP endpoints: POST /v1/rank, /healthz, /readyz, /metrics."""
+"""Public HTTP endpoints: POST /v1/rank, /healthz, /readyz, /metrics.
+
+/v1/rank raises RankError for every refusal (the app's one handler renders it) and
+records its metrics once, in `_Recorded`, however the request ends.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,17 @@ import asyncio
 import json
 import logging
 import time
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ranker_server import codec
-from ranker_server.batcher import RankItem
 from ranker_server.errors import RankError, outcome_of
-from ranker_server.versions import Lease
+from ranker_server.metrics import Metrics
 
 if TYPE_CHECKING:
     from ranker_server.app import RankerState
@@ -49,9 +55,40 @@ _RANK_DOC: dict[str, Any] = {
 }
 
 
-def _error(e: RankError) -> Response:
-    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
-                    headers=e.headers())
+class _Recorded:
+    """One /v1/rank request's metrics, recorded once on leaving the `with` block, however
+    it is left; a bug (any exception but RankError) is logged and becomes a RankError 500."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.version = "none"  # the version label until a lease names one
+        self.scores: npt.NDArray[np.float32] | None = None
+
+    def __enter__(self) -> _Recorded:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        bug = isinstance(exc, Exception) and not isinstance(exc, RankError)
+        if bug:
+            log.error("rank request failed", exc_info=exc)  # never the client's fault
+        status, reason = 200, ""
+        if isinstance(exc, RankError):
+            status, reason = exc.status, exc.reason
+        elif bug:
+            status, reason = 500, "internal"
+        m, version = self.metrics, self.version
+        if reason:
+            m.errors.labels(reason).inc()
+        m.requests.labels(version, str(status)).inc()
+        m.request_duration.labels(version, outcome_of(status, reason)).observe(
+            time.monotonic() - self.started)
+        if self.scores is not None and status == 200:
+            m.score_sum.labels(version).inc(float(self.scores.sum(dtype="float64")))
+            m.scores.labels(version).inc(self.scores.size)
+        if bug:
+            raise RankError(500, "internal", "internal error") from exc
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -74,50 +111,27 @@ async def rank(request: Request) -> Response:
     """Score one user's candidates with one version (JSON or protobuf body)."""
     st: RankerState = request.state.ranker
     cfg = st.config
-    started = time.monotonic()
-    version, status, reason = "none", 200, ""
-    lease: Lease | None = None
-    submitted = False
-    try:
+    with _Recorded(st.metrics) as rec:
         kind = codec.body_kind(request.headers.get("content-type", ""))
         parsed = codec.parse_body(await _read_body(request, cfg.max_body_bytes), kind)
-        if parsed.model and parsed.model != cfg.model:
-            raise RankError(404, "unknown_model", f"model: {parsed.model!r} is not served here "
+        env = parsed.envelope
+        if env.model and env.model != cfg.model:
+            raise RankError(404, "unknown_model", f"model: {env.model!r} is not served here "
                             f"(this ranker serves {cfg.model!r})", field="model")
         st.batcher.check_capacity()  # shed before spending CPU on decoding
-        lease = st.registry.acquire(parsed.version)
-        version = lease.version.version
-        decoded = codec.decode(parsed, lease.version.schema, cfg.max_candidates)
-        timeout_ms = min(parsed.timeout_ms or cfg.default_timeout_ms, cfg.max_timeout_ms)
-        item = RankItem(lease, decoded, started + timeout_ms / 1000.0)
-        st.batcher.submit(item)
-        submitted = True
+        timeout_ms = min(env.timeout_ms or cfg.default_timeout_ms, cfg.max_timeout_ms)
+        with st.registry.acquire(env.version) as lease:  # until the batcher takes it over
+            rec.version = lease.version.version
+            decoded = codec.decode(parsed, lease.version.schema, cfg.max_candidates)
+            item = st.batcher.submit(lease, decoded, rec.started + timeout_ms / 1000.0)
         try:
-            scores = await asyncio.wait_for(item.future, item.deadline - time.monotonic())
+            rec.scores = await asyncio.wait_for(item.future, item.deadline - time.monotonic())
         except TimeoutError:
             raise RankError(504, "deadline", f"deadline of {timeout_ms} ms expired before the "
                             "scores were ready") from None
-        body, media = codec.encode_response(kind, decoded.request_id, cfg.model, version, scores)
-        st.metrics.score_sum.labels(version).inc(float(scores.sum(dtype="float64")))
-        st.metrics.scores.labels(version).inc(scores.size)
+        body, media = codec.encode_response(kind, env.request_id, cfg.model, rec.version,
+                                            rec.scores)
         return Response(body, media_type=media)
-    except RankError as e:
-        # Counted in metrics; batch failures are logged once per batch by the batcher.
-        status, reason = e.status, e.reason
-        return _error(e)
-    except Exception:
-        # A bug, never the client's fault; logged with the traceback.
-        log.exception("rank request failed")
-        status, reason = 500, "internal"
-        return _error(RankError(500, "internal", "internal error"))
-    finally:
-        if lease is not None and not submitted:
-            lease.release()
-        if reason:
-            st.metrics.errors.labels(reason).inc()
-        st.metrics.requests.labels(version, str(status)).inc()
-        st.metrics.request_duration.labels(version, outcome_of(status, reason)).observe(
-            time.monotonic() - started)
 
 
 @router.get("/healthz")

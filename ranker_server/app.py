@@ -1,26 +1,29 @@
-"""create_app(config): the FastAPI app, its resources built and torn down in one lifespan."""
+"""create_app(config): the FastAPI app, its resources built and torn down in one lifespan,
+its routers and its one error handler registered once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from ranker_server import admin, api
 from ranker_server.batcher import Batcher
 from ranker_server.config import RankerConfig
 from ranker_server.device import Device
+from ranker_server.errors import AdminError, HttpError
 from ranker_server.lifecycle import Lifecycle
 from ranker_server.local_tables import LocalTables
 from ranker_server.metrics import Metrics
 from ranker_server.pipeline import Pipeline
 from ranker_server.remote_tables import RemoteTables
 from ranker_server.sources import TableSource
-from ranker_server.versions import AdminError, VersionRegistry
+from ranker_server.versions import VersionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,13 @@ def _source(config: RankerConfig) -> TableSource:
     if config.local_tables:
         return LocalTables(config.store)
     return RemoteTables(config.embedding_shards, config.prepare_timeout_s)
+
+
+def _render(request: Request, exc: Exception) -> Response:
+    """Every refusal a handler raises (RankError, AdminError), as its JSON body and status."""
+    e = exc if isinstance(exc, HttpError) else HttpError(500, "internal error")
+    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
+                    headers=e.headers())
 
 
 def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = None) -> FastAPI:
@@ -101,4 +111,5 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
                               "tables live on remote shards.")
     app.include_router(api.router)
     app.include_router(admin.router)
+    app.add_exception_handler(HttpError, _render)
     return app

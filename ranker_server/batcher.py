@@ -7,6 +7,10 @@ would only add latency then, and under load batches fill while others run. Up to
 is on the device. The queue of waiting requests is bounded
 (`max_queue`): past it a request is shed with 429 at once instead of waiting without
 bound. A request whose deadline passes while queued fails with 504 and is not scored.
+
+From `submit` on, the batcher owns the request's version lease: `_retire` is the one
+place a submitted request leaves the batcher, answered or abandoned, and the one place
+its lease is released.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ Scores = npt.NDArray[np.float32]
 
 @dataclass(eq=False)
 class RankItem:
-    """One admitted request on its way through the batcher; owns its lease from submit on."""
+    """One admitted request on its way through the batcher, which owns its lease."""
 
     lease: Lease
     request: DecodedRequest
@@ -42,14 +46,6 @@ class RankItem:
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future[Scores] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    def finish(self, result: Scores | RankError) -> None:
-        if not self.future.done():
-            if isinstance(result, RankError):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-        self.lease.release()
 
 
 class Batcher:
@@ -82,11 +78,27 @@ class Batcher:
                             f"(max_queue {self.max_queue}); retry later",
                             retry_after_s=self.retry_after_s)
 
-    def submit(self, item: RankItem) -> None:
-        """Queue `item` (429 if full); from here on the batcher releases its lease."""
+    def submit(self, lease: Lease, request: DecodedRequest, deadline: float) -> RankItem:
+        """Queue a request (429 if full, the lease left to its holder); else the batcher
+        takes the lease over, and answers the request through the item's future."""
         self.check_capacity()
+        item = RankItem(lease.take(), request, deadline)
         self._pending.append(item)
         self._arrived.set()
+        return item
+
+    def _retire(self, item: RankItem, result: Scores | RankError | None) -> None:
+        """A submitted request leaves the batcher: answer its caller, if still waiting
+        (None: it gave up), and release its lease. Every exit goes through here."""
+        if result is not None and not item.future.done():
+            if isinstance(result, RankError):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+        if isinstance(result, RankError) and result.reason == "version_mismatch":
+            # Counted per request even if its caller already gave up: the gate must see it.
+            self.metrics.version_mismatch.inc()
+        item.lease.release()
 
     async def drain(self, timeout_s: float) -> None:
         """Let queued and running batches finish (up to `timeout_s`), then stop the loop."""
@@ -121,10 +133,10 @@ class Batcher:
         keep: deque[RankItem] = deque()
         for it in self._pending:
             if it.future.done():
-                it.lease.release()
+                self._retire(it, None)
             elif now >= it.deadline:
                 waited_ms = (now - it.enqueued) * 1000
-                it.finish(RankError(504, "deadline", f"deadline expired after {waited_ms:.0f} ms "
+                self._retire(it, RankError(504, "deadline", f"deadline expired after {waited_ms:.0f} ms "
                                     "in the queue, before scoring started"))
             else:
                 keep.append(it)
@@ -163,6 +175,7 @@ class Batcher:
         return batch
 
     async def _run(self, items: list[RankItem]) -> None:
+        outcome: list[Scores] | RankError = RankError(500, "internal", "scoring was cancelled")
         try:
             now = time.monotonic()
             for it in items:
@@ -171,23 +184,17 @@ class Batcher:
             # The lookups serve every request of the batch: bound them by the latest deadline;
             # each caller still answers 504 at its own deadline.
             timeout_s = max(it.deadline for it in items) - now
-            results = await self.pipeline.run(version, [it.request for it in items], timeout_s)
-            for it, scores in zip(items, results, strict=True):
-                it.finish(scores)
+            outcome = await self.pipeline.run(version, [it.request for it in items], timeout_s)
+            if len(outcome) != len(items):
+                raise AssertionError(f"{len(outcome)} score arrays for {len(items)} requests")
         except RankError as e:
-            if e.reason == "version_mismatch":
-                self.metrics.version_mismatch.inc(len(items))
-                log.error("batch of %d requests failed: %s", len(items), e.message)
-            else:
-                log.warning("batch of %d requests failed: %s", len(items), e.message)
-            for it in items:
-                it.finish(e)
+            level = logging.ERROR if e.reason == "version_mismatch" else logging.WARNING
+            log.log(level, "batch of %d requests failed: %s", len(items), e.message)
+            outcome = e
         except Exception as e:
             log.exception("batch of %d requests failed", len(items))
-            err = RankError(500, "internal", f"internal error while scoring: {type(e).__name__}")
-            for it in items:
-                it.finish(err)
+            outcome = RankError(500, "internal", f"internal error while scoring: {type(e).__name__}")
         finally:
-            for it in items:
-                it.lease.release()
+            for i, it in enumerate(items):
+                self._retire(it, outcome if isinstance(outcome, RankError) else outcome[i])
             self._slots.release()

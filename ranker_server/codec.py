@@ -1,10 +1,11 @@
 """Request bodies in (JSON or protobuf) and responses out, with field-named errors.
 
-Parsing is split in two: `parse_body` reads the schema-independent envelope (request
-id, model, optional version pin, timeout), so the ranker can pick the version first;
-`decode` then validates the features against that version's schema. JSON goes through
-modelpack's own decoder (the eval.jsonl format); protobuf columns (protos/ranker.proto)
-are decoded with numpy, never per element in Python, into the same DecodedRequest.
+`parse_body` reads a body once into a ParsedBody: the envelope (request id, model,
+version pin, timeout), checked by modelpack's one Envelope check before any expensive
+work, so the ranker can pick the version; `decode` then validates the features against
+that version's schema. JSON features go through modelpack's own decoder (the
+eval.jsonl format); protobuf columns (protos/ranker.proto) are decoded with numpy, never
+per element in Python, into the same DecodedRequest.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
-from modelpack.requests import DecodedRequest, RequestError, SparseColumn, decode_request
-from modelpack.schema import DenseFeature, FeatureSchema, Side
+from modelpack.requests import (
+    DecodedRequest,
+    Envelope,
+    RequestError,
+    SparseColumn,
+    decode_features,
+    normalized,
+    parse_envelope,
+)
+from modelpack.schema import FeatureSchema, Side
 from protos import ranker_pb2
 from ranker_server.errors import RankError
 
@@ -26,16 +35,13 @@ BodyKind = Literal["json", "protobuf"]
 PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParsedBody:
-    """The envelope of a rank request; `payload` is the JSON object or the RankRequest."""
+    """A rank request body, read once: its checked envelope and its still-raw features."""
 
     kind: BodyKind
-    payload: Any
-    request_id: str
-    model: str
-    version: str | None  # JSON only: pin to a version instead of the traffic split
-    timeout_ms: int | None
+    envelope: Envelope
+    features: Any  # the JSON object, or the RankRequest message
 
 
 def body_kind(content_type: str) -> BodyKind:
@@ -45,58 +51,42 @@ def body_kind(content_type: str) -> BodyKind:
 
 
 def parse_body(body: bytes, kind: BodyKind) -> ParsedBody:
-    if kind == "protobuf":
-        return _parse_protobuf(body)
+    """Read the body and check its envelope: 400 if unreadable, 422 naming a bad field."""
     try:
-        obj = json.loads(body)
+        if kind == "protobuf":
+            msg = _protobuf(body)
+            timeout = msg.timeout_ms if msg.timeout_ms > 0 else None  # <= 0: server default
+            return ParsedBody(kind, Envelope.checked(msg.request_id, msg.model, None, timeout),
+                              msg)
+        obj = _json(body)
+        return ParsedBody(kind, parse_envelope(obj), obj)
+    except RequestError as e:
+        raise _invalid(e) from None
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
     except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8, JSON, huge ints
         raise RankError(400, "malformed_body", f"body: not valid JSON: {e}", field="body") from None
-    if not isinstance(obj, dict):
-        raise RankError(422, "invalid_request", "body: must be a JSON object", field="body")
-    model, version = obj.get("model", ""), obj.get("version")
-    if not isinstance(model, str):
-        raise _invalid(RequestError("model", "must be a string"))
-    if version is not None and not isinstance(version, str):
-        raise _invalid(RequestError("version", "must be a string naming a loaded version"))
-    rid = obj.get("request_id", "")
-    timeout = obj.get("timeout_ms")
-    return ParsedBody("json", obj, rid if isinstance(rid, str) else "", model, version,
-                      timeout if isinstance(timeout, int) and not isinstance(timeout, bool)
-                      and timeout > 0 else None)
 
 
-def _parse_protobuf(body: bytes) -> ParsedBody:
+def _protobuf(body: bytes) -> Any:
     try:
-        msg = ranker_pb2.RankRequest.FromString(body)
+        return ranker_pb2.RankRequest.FromString(body)
     except (DecodeError, RecursionError) as e:
         raise RankError(400, "malformed_body", f"body: not a valid RankRequest protobuf: {e}",
                         field="body") from None
-    return ParsedBody("protobuf", msg, msg.request_id, msg.model, None,
-                      msg.timeout_ms if msg.timeout_ms > 0 else None)
 
 
 def decode(parsed: ParsedBody, schema: FeatureSchema, max_candidates: int) -> DecodedRequest:
     """Validate the features against `schema`; RankError 422 naming the field otherwise."""
     try:
-        with np.errstate(over="ignore"):  # overflow to inf is reported below, naming the field
-            if parsed.kind == "json":
-                decoded = decode_request(schema, parsed.payload, max_candidates=max_candidates)
-            else:
-                decoded = _decode_protobuf(parsed.payload, schema, max_candidates)
-        _check_finite(decoded, schema)
+        if parsed.kind == "json":
+            return decode_features(schema, parsed.features, max_candidates=max_candidates)
+        return _decode_protobuf(parsed.features, schema, max_candidates)
     except RequestError as e:
         raise _invalid(e) from None
-    return decoded
-
-
-def _check_finite(decoded: DecodedRequest, schema: FeatureSchema) -> None:
-    """Finite inputs can still overflow float32 once normalized (1e300 is finite in JSON)."""
-    bad = np.argwhere(~np.isfinite(decoded.dense))
-    if bad.size:
-        row, col = (int(v) for v in bad[0])
-        df = schema.dense[col]
-        where = f"user.{df.name}" if df.side == "user" else f"candidates[{row}].{df.name}"
-        raise RequestError(where, "value overflows float32 once normalized")
 
 
 def _invalid(e: RequestError) -> RankError:
@@ -104,8 +94,6 @@ def _invalid(e: RequestError) -> RankError:
 
 
 def _decode_protobuf(msg: Any, schema: FeatureSchema, max_candidates: int) -> DecodedRequest:
-    if len(msg.request_id) > 256:
-        raise RequestError("request_id", "must be a string of at most 256 characters")
     n = int(msg.num_candidates)
     if n <= 0:
         raise RequestError("num_candidates", f"must be > 0, got {n}")
@@ -150,10 +138,8 @@ def _decode_protobuf(msg: Any, schema: FeatureSchema, max_candidates: int) -> De
                                f"holds {values.size} values, expected {entities}")
         if not np.isfinite(values).all():
             raise RequestError(f"{where}.values", "must be finite (NaN and Inf are refused)")
-        dense[:, j] = normalize_column(df, values)
-    return DecodedRequest(request_id=msg.request_id, model=msg.model,
-                          timeout_ms=msg.timeout_ms if msg.timeout_ms > 0 else None,
-                          num_candidates=n, sparse=sparse, dense=dense)
+        dense[:, j] = normalized(df, values)
+    return DecodedRequest(num_candidates=n, sparse=sparse, dense=dense)
 
 
 def _columns(features: Any, side: Side, schema: FeatureSchema) -> dict[str, Any]:
@@ -188,16 +174,6 @@ def _truncate(ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], max_le
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     keep = (np.arange(ids.size) - starts) < max_length
     return SparseColumn(ids[keep], np.minimum(lengths, max_length))
-
-
-def normalize_column(df: DenseFeature, values: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
-    """DenseFeature.normalize over a column, in float64 like the scalar version."""
-    x = values.astype(np.float64)
-    if df.normalization == "none":
-        return x.astype(np.float32)
-    if df.normalization == "log1p_standard":
-        x = np.log1p(np.maximum(x, 0.0))
-    return ((x - df.mean) / df.std).astype(np.float32)
 
 
 def encode_response(kind: BodyKind, request_id: str, model: str, version: str,

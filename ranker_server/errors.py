@@ -1,23 +1,40 @@
-"""The one exception a request can fail with, carrying its HTTP status and reason."""
+"""The exceptions a request can fail with; the app renders every one by one handler.
+
+Handlers raise, never build error responses: `create_app` registers one exception
+handler for HttpError, which answers `body()` as JSON with `status` and `headers()`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class RankError(Exception):
-    """A failed request: HTTP `status`, a metric-safe `reason`, the offending `field` if any.
+class HttpError(Exception):
+    """A request refused with an HTTP `status`; `message` says why, for humans."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.message}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class RankError(HttpError):
+    """A failed /v1/rank request: a metric-safe `reason` and the offending `field` if any.
 
     `reason` becomes the `ranker_errors_total{reason}` label, so it is one of a small
-    fixed set of words, never an ID or free text; `message` is for humans.
+    fixed set of words, never an ID or free text.
     """
 
     def __init__(self, status: int, reason: str, message: str, *, field: str | None = None,
                  retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)
         self.reason = reason
-        self.message = message
         self.field = field
         self.retry_after_s = retry_after_s
 
@@ -29,6 +46,13 @@ class RankError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
+
+class AdminError(HttpError):
+    """An admin request that cannot be carried out (401 asks for the bearer token)."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
 
 
 def outcome_of(status: int, reason: str = "") -> str:

@@ -15,8 +15,9 @@ from modelpack.manifest import VerifyError, read_manifest, verify
 from modelpack.schema import SchemaError, check_name
 from ranker_server.config import RankerConfig
 from ranker_server.device import Device
+from ranker_server.errors import AdminError
 from ranker_server.sources import PrepareError, TableSource
-from ranker_server.versions import AdminError, LoadedVersion, VersionRegistry
+from ranker_server.versions import LoadedVersion, VersionRegistry
 
 log = logging.getLogger(__name__)
 

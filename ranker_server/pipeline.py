@@ -66,14 +66,13 @@ class Staged:
 
 
 def merge_requests(schema: FeatureSchema, requests: Sequence[DecodedRequest]) -> DecodedRequest:
-    """Concatenate requests into one: user features get one entity per request."""
+    """Concatenate requests' features into one: user features get one entity per request."""
     if len(requests) == 1:
         return requests[0]
     sparse = {f.name: SparseColumn(np.concatenate([r.sparse[f.name].ids for r in requests]),
                                    np.concatenate([r.sparse[f.name].lengths for r in requests]))
               for f in schema.sparse}
-    return DecodedRequest(request_id="", model=requests[0].model, timeout_ms=None,
-                          num_candidates=sum(r.num_candidates for r in requests), sparse=sparse,
+    return DecodedRequest(num_candidates=sum(r.num_candidates for r in requests), sparse=sparse,
                           dense=np.concatenate([r.dense for r in requests]))
 
 

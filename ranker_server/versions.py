@@ -20,7 +20,7 @@ from torch import nn
 
 from modelpack.manifest import Manifest
 from modelpack.schema import FeatureSchema, TableSpec
-from ranker_server.errors import RankError
+from ranker_server.errors import AdminError, RankError
 
 if TYPE_CHECKING:  # prometheus stays out of the pipeline's imports
     from ranker_server.metrics import Metrics
@@ -33,15 +33,6 @@ class State(StrEnum):
     PREPARED = "prepared"    # every shard replica reported it READY with our fingerprint
     ACTIVE = "active"        # prepared and the version with the largest traffic share
     UNLOADING = "unloading"  # waiting for its in-flight requests, then dropped
-
-
-class AdminError(Exception):
-    """An admin request that cannot be carried out: HTTP `status` and a message saying why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(eq=False)
@@ -78,12 +69,31 @@ class LoadedVersion:
 
 
 class Lease:
-    """A request's pin on one version; release() exactly once (extra calls are no-ops)."""
+    """A request's pin on one version, counted in its in-flight requests until released.
+
+    The ownership rule: whoever holds a lease releases it, exactly once. The request
+    handler holds it in a `with` block (released on leaving it) until Batcher.submit
+    takes it over with `take()`; from then on the batcher releases it, at the one place
+    a request leaves the batcher. Extra release() calls are no-ops.
+    """
 
     def __init__(self, registry: VersionRegistry, version: LoadedVersion) -> None:
         self._registry = registry
         self.version = version
         self._released = False
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def take(self) -> Lease:
+        """Move the pin to a new Lease for a new owner; this one then releases nothing."""
+        if self._released:
+            raise RuntimeError(f"lease on {self.version.version} already released")
+        self._released = True
+        return Lease(self._registry, self.version)
 
     def release(self) -> None:
         if not self._released:

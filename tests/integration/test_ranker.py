@@ -15,6 +15,7 @@ import dataclasses
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -185,6 +186,22 @@ def test_canary_split_pins_each_request_to_one_version(store: Path,
     assert admin(main, "POST", "/versions/v1/activate").json()["split"] == {"v1": 1.0}
     left = admin(main, "DELETE", "/versions/v2").json()["versions"]
     assert [v["version"] for v in left] == ["v1"]
+
+
+def test_admin_refuses_a_huge_body_without_token_before_reading_it(
+        fleet: dict[str, ServerProcess]) -> None:
+    host, port = fleet["main"].address.rsplit(":", 1)
+    head = (f"PUT /admin/v1/split HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json"
+            f"\r\ncontent-length: {10**12}\r\n\r\n")  # a terabyte, never sent
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode() + b'{"split": ')
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    assert b"www-authenticate: bearer" in answer.lower()
+    assert time.monotonic() - started < 2
 
 
 def test_prepare_refuses_a_version_the_shards_do_not_hold(store: Path,

@@ -220,6 +220,52 @@ def test_admin_api(store: Path) -> None:
     run(store, body)
 
 
+def test_admin_token_is_checked_before_the_body_is_read(store: Path) -> None:
+    pulled: list[int] = []
+
+    async def endless() -> Any:  # a body that never ends: reading it would hang
+        while True:
+            pulled.append(1)
+            yield b"x" * 65536
+
+    async def body(client: Any, state: Any) -> None:
+        for method, path in (("POST", "/versions"), ("PUT", "/split"),
+                             ("DELETE", "/versions/v1")):
+            r = await asyncio.wait_for(client.request(
+                method, "/admin/v1" + path, content=endless(),
+                headers={"authorization": "Bearer nope"}), 5)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+        assert pulled == []
+        assert state.registry.versions["v1"].in_flight == 0  # nothing was loaded or unloaded
+
+    run(store, body)
+
+
+def test_a_bug_is_a_counted_500_and_the_lease_goes_back(store: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(client: Any, state: Any) -> None:
+        def broken(*args: Any) -> Any:
+            raise ZeroDivisionError("bug")
+
+        monkeypatch.setattr(state.batcher, "submit", broken)  # fails holding the lease
+        r = await client.post("/v1/rank", json=tiny_request(2))
+        assert r.status_code == 500 and r.json() == {"detail": "internal error",
+                                                     "reason": "internal"}
+        monkeypatch.undo()
+        assert state.registry.versions["v1"].in_flight == 0
+        assert (await client.post("/v1/rank", json=tiny_request(2))).status_code == 200
+        text = (await client.get("/metrics")).text
+        for sample in ('ranker_errors_total{reason="internal"} 1.0',
+                       'ranker_requests_total{code="500",version="v1"} 1.0',
+                       'ranker_requests_total{code="200",version="v1"} 1.0',
+                       'ranker_request_duration_seconds_count{outcome="server_error",'
+                       'version="v1"} 1.0',
+                       'ranker_inflight_requests{version="v1"} 0.0'):
+            assert sample in text, sample
+
+    run(store, body)
+
+
 def test_admin_disabled_without_token_file(store: Path) -> None:
     async def body(client: Any, state: Any) -> None:
         r = await client.get("/admin/v1/versions", headers=AUTH)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import numpy as np
 import pytest
 
-from modelpack.requests import decode_request
+from modelpack.requests import Envelope, decode_request
+from modelpack.schema import DenseFeature
 from protos import ranker_pb2
 from ranker_server import codec
 from ranker_server.errors import RankError
@@ -33,13 +35,30 @@ def test_protobuf_decodes_exactly_like_json() -> None:
     for i, c in enumerate(req["candidates"]):
         c["ad_bid"] = 0.5 * i
     want = decode_request(TINY_SCHEMA, req)
-    got = _decode_proto(_proto(req))
+    parsed = codec.parse_body(_proto(req).SerializeToString(), "protobuf")
+    got = codec.decode(parsed, TINY_SCHEMA, 100)
     assert got.num_candidates == want.num_candidates == 6
     for name, col in want.sparse.items():
         np.testing.assert_array_equal(got.sparse[name].ids, col.ids, err_msg=name)
         np.testing.assert_array_equal(got.sparse[name].lengths, col.lengths, err_msg=name)
     np.testing.assert_array_equal(got.dense, want.dense)
-    assert got.request_id == req["request_id"]
+    assert parsed.envelope == codec.parse_body(json.dumps(req).encode(), "json").envelope
+    assert parsed.envelope.request_id == req["request_id"]
+
+
+def test_both_formats_parse_to_one_envelope_checked_before_the_features() -> None:
+    req: dict[str, Any] = {**tiny_request(2), "timeout_ms": 250}
+    j = codec.parse_body(json.dumps(req).encode(), "json")
+    p = codec.parse_body(codec.encode_request(req, TINY_SCHEMA), "protobuf")
+    assert j.envelope == p.envelope == Envelope(req["request_id"], req["model"], None, 250)
+    # The envelope alone is read: features this bad are left for decode() to refuse.
+    junk = codec.parse_body(b'{"model": "tiny", "version": "v2", "user": 5}', "json")
+    assert junk.envelope == Envelope("", "tiny", "v2", None)
+    with pytest.raises(RankError) as e:
+        codec.decode(junk, TINY_SCHEMA, 100)
+    assert (e.value.status, e.value.field) == (422, "user")
+    zero = ranker_pb2.RankRequest(request_id="z", timeout_ms=-3)  # <= 0: the server default
+    assert codec.parse_body(zero.SerializeToString(), "protobuf").envelope.timeout_ms is None
 
 
 def test_content_type_picks_the_decoder() -> None:
@@ -58,6 +77,10 @@ def test_content_type_picks_the_decoder() -> None:
     (b"[1, 2]", 422, "body"),
     (b'{"model": 3}', 422, "model"),
     (b'{"version": 1}', 422, "version"),
+    (b'{"request_id": 7}', 422, "request_id"),
+    (b'{"timeout_ms": 0}', 422, "timeout_ms"),
+    (b'{"timeout_ms": true}', 422, "timeout_ms"),
+    (b'{"surprise": 1}', 422, "surprise"),
 ])
 def test_json_envelope_errors(body: bytes, status: int, field: str) -> None:
     with pytest.raises(RankError) as e:
@@ -109,6 +132,25 @@ def test_protobuf_field_errors(mutation: Any, field: str) -> None:
         _decode_proto(_mutate(mutation))
     assert e.value.status == 422 and e.value.field == field, e.value.message
     assert e.value.message.startswith(field)
+
+
+def test_both_formats_share_one_normalization_and_its_overflow_check() -> None:
+    tight = DenseFeature("ad_bid", "candidate", "standard", mean=1.0, std=1e-39)
+    schema = dataclasses.replace(TINY_SCHEMA, dense=(TINY_SCHEMA.dense[0], tight))
+    req: dict[str, Any] = tiny_request(3)
+    for i, c in enumerate(req["candidates"]):
+        c["ad_bid"] = 1.0 if i != 1 else 2.0  # (2 - 1) / 1e-39 is past float32's range
+    bodies: list[tuple[bytes, codec.BodyKind]] = [
+        (json.dumps(req).encode(), "json"), (codec.encode_request(req, schema), "protobuf")]
+    for body, kind in bodies:
+        with pytest.raises(RankError) as e:
+            codec.decode(codec.parse_body(body, kind), schema, 10)
+        assert (e.value.status, e.value.field) == (422, "candidates[1].ad_bid"), kind
+    x = np.array([-3.0, 0.0, 2.5, 1e6])
+    want = ((np.log1p(np.maximum(x, 0.0)) - 0.5) / 2.0).astype(np.float32)
+    got = DenseFeature("f", "user", "log1p_standard", 0.5, 2.0).normalize_array(x)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
 
 
 def test_garbage_protobuf_is_400() -> None:

@@ -10,9 +10,9 @@ import pytest
 from torch import nn
 
 from modelpack.manifest import Manifest
-from ranker_server.errors import RankError
+from ranker_server.errors import AdminError, RankError
 from ranker_server.metrics import Metrics
-from ranker_server.versions import AdminError, LoadedVersion, VersionRegistry
+from ranker_server.versions import LoadedVersion, VersionRegistry
 from tests.helpers_store import tiny_version
 
 
@@ -119,3 +119,20 @@ def test_idle_event_follows_in_flight(manifests: dict[str, Manifest]) -> None:
         await asyncio.wait_for(waiter, 1)
 
     asyncio.run(run())
+
+
+def test_a_lease_is_released_once_by_its_one_owner(manifests: dict[str, Manifest]) -> None:
+    reg = _registry(manifests)
+    reg.activate("v1")
+    lv = reg.versions["v1"]
+    with pytest.raises(RankError), reg.acquire() as lease:  # the handler's block: refused
+        raise RankError(422, "invalid_request", "x")
+    assert lv.in_flight == 0
+    with reg.acquire() as lease:
+        moved = lease.take()  # submitted: the batcher owns it now
+    assert lv.in_flight == 1  # leaving the handler's block released nothing
+    with pytest.raises(RuntimeError):
+        lease.take()  # a lease cannot be handed over twice
+    moved.release()
+    moved.release()
+    assert lv.in_flight == 0 and lv.idle.is_set()
