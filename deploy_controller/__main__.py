@@ -8,61 +8,37 @@ requests, cancel running rollout steps (the journal makes them resumable) and ex
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
-import typing
-from pathlib import Path
 from typing import Any
 
-from deploy_controller.config import ConfigError, ControllerConfig, field_docs
+from deploy_controller.config import ConfigError, ControllerConfig
 from deploy_controller.gates import GateConfig
+from modelpack.configcli import ConfigFlags
 
 log = logging.getLogger("deploy_controller")
 CRASH_ENV = "DEPLOY_CONTROLLER_CRASH_AT"
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, dest: str, hint: Any, default: Any,
-         doc: str) -> None:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    kwargs: dict[str, Any] = {"dest": dest, "default": default,
-                              "help": f"{doc} (default: {default})"}
-    if origin is typing.Literal:
-        kwargs["choices"] = list(args)
-    elif origin is tuple:
-        kwargs["type"] = lambda s: tuple(int(x) for x in s.split(",") if x.strip())
-        kwargs["metavar"] = "P1,P2,..."
-    elif hint in (int, float, str):
-        kwargs["type"] = hint
-    else:  # Path or Path | None
-        kwargs["type"] = Path
-    parser.add_argument(flag, **kwargs)
+FLAGS = ConfigFlags(ControllerConfig, skip=("gates", "crash_at"))
+GATE_FLAGS = ConfigFlags(GateConfig, prefix="gate-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deploy-controller", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    FLAGS.add_to(p)
+    GATE_FLAGS.add_to(p)
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ControllerConfig, str]:
-    p = argparse.ArgumentParser(prog="deploy-controller", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(ControllerConfig)
-    docs = field_docs()
-    for f in dataclasses.fields(ControllerConfig):
-        if f.name in ("gates", "crash_at"):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        _add(p, "--" + f.name.replace("_", "-"), f.name, hints[f.name], default,
-             docs.get(f.name, ""))
-    gate_hints = typing.get_type_hints(GateConfig)
-    gate_docs = field_docs(GateConfig)
-    for f in dataclasses.fields(GateConfig):
-        _add(p, "--gate-" + f.name.replace("_", "-"), "gate_" + f.name, gate_hints[f.name],
-             f.default, gate_docs.get(f.name, ""))
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    ns = vars(p.parse_args(argv))
-    level = ns.pop("log_level")
-    gates = GateConfig(**{f.name: ns.pop("gate_" + f.name) for f in dataclasses.fields(GateConfig)})
-    cfg = ControllerConfig(**ns, gates=gates, crash_at=os.environ.get(CRASH_ENV, ""))
-    return cfg, level
+    """The command line -> (ControllerConfig, log level); validate() is left to the caller."""
+    ns = build_parser().parse_args(argv)
+    cfg = ControllerConfig(**FLAGS.values(ns), gates=GateConfig(**GATE_FLAGS.values(ns)),
+                           crash_at=os.environ.get(CRASH_ENV, ""))
+    return cfg, cfg.log_level
 
 
 def _server(app: Any, cfg: ControllerConfig, level: str) -> Any:

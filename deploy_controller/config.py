@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from deploy_controller.gates import GateConfig
 from deploy_controller.state import validate_canary
+from modelpack.configcli import require_at_least, require_path, require_port
 
 
 class ConfigError(ValueError):
@@ -78,40 +79,37 @@ class ControllerConfig:
     """On restart, a canary left without gates for longer than this is rolled back."""
     crash_at: str = ""
     """Testing only: `STEP:begin|end` kills this process with SIGKILL at that journal write."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Python logging level of the controller (httpx's own lines stay at WARNING and up)."""
 
     def validate(self) -> ControllerConfig:
         """Raise ConfigError naming the first bad value; returns self."""
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        require_port(ConfigError, "port", self.port)
         if self.admin_token_file is None:
             raise ConfigError("admin_token_file is required: mutating calls need a bearer token")
-        for name in ("admin_token_file", "fleet_token_file"):
-            p = getattr(self, name)
-            if p is not None and not Path(p).is_file():
-                raise ConfigError(f"{name} {p} is not a readable file")
+        require_path(ConfigError, "admin_token_file", self.admin_token_file, "file")
+        require_path(ConfigError, "fleet_token_file", self.fleet_token_file, "file")
         if self.discovery not in ("local", "kubernetes"):
             raise ConfigError(f"discovery must be 'local' or 'kubernetes', got {self.discovery!r}")
         if self.discovery == "local" and self.fleet is None:
             raise ConfigError("discovery=local needs a fleet file (--fleet FILE)")
-        if self.store is not None and not Path(self.store).is_dir():
-            raise ConfigError(f"store {self.store} is not a directory")
+        require_path(ConfigError, "store", self.store, "dir")
         try:
             validate_canary(self.default_canary)
             self.gates.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name in ("default_bake_s", "ranker_unload_timeout_s", "shard_drain_timeout_s",
-                     "max_unsupervised_s", "retry_backoff_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("gate_interval_s", "http_timeout_s", "grpc_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gate_fail_after", "gate_max_failures", "step_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.k8s_num_shards < 0:
-            raise ConfigError(f"k8s_num_shards must be >= 0, got {self.k8s_num_shards}")
+        require_at_least(ConfigError, 0, {
+            "default_bake_s": self.default_bake_s, "ranker_unload_timeout_s": self.ranker_unload_timeout_s,
+            "shard_drain_timeout_s": self.shard_drain_timeout_s,
+            "max_unsupervised_s": self.max_unsupervised_s, "retry_backoff_s": self.retry_backoff_s,
+            "k8s_num_shards": self.k8s_num_shards})
+        require_at_least(ConfigError, 0, {
+            "gate_interval_s": self.gate_interval_s, "http_timeout_s": self.http_timeout_s,
+            "grpc_timeout_s": self.grpc_timeout_s}, strictly=True)
+        require_at_least(ConfigError, 1, {
+            "gate_fail_after": self.gate_fail_after, "gate_max_failures": self.gate_max_failures,
+            "step_attempts": self.step_attempts})
         if self.crash_at and not self.crash_at.endswith((":begin", ":end")):
             raise ConfigError(f"crash_at must be STEP:begin or STEP:end, got {self.crash_at!r}")
         return self
@@ -125,18 +123,3 @@ class ControllerConfig:
             raise ConfigError(f"token file {path} is empty")
         return token
 
-
-def field_docs(cls: type = ControllerConfig) -> dict[str, str]:
-    """Dataclass field name -> the first line of the docstring below it (for --help)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls)).body[0]
-    assert isinstance(tree, ast.ClassDef)
-    docs: dict[str, str] = {}
-    for node, nxt in zip(tree.body, tree.body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
-            docs[node.target.id] = str(nxt.value.value).strip().splitlines()[0]
-    known = {f.name for f in fields(cls)}
-    return {k: v for k, v in docs.items() if k in known}

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelpack.configcli import ConfigFlags, Flag, require_at_least, require_path, require_port
 from modelpack.schema import SchemaError, check_name
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -31,33 +32,38 @@ class ServerConfig:
     num_shards: int = 1
     """S, the number of row shards the tables are split into across servers."""
     preload: tuple[tuple[str, str], ...] = ()
-    """(model, version) pairs loaded before the server reports SERVING."""
+    """Versions (MODEL/VERSION) loaded before the server reports SERVING; repeat the flag
+    for several."""
     host: str = "127.0.0.1"
     """Interface to listen on; 0.0.0.0 or [::] to accept remote clients."""
     port: int = 50051
     """gRPC port; 0 picks a free port (printed, and written to port_file)."""
     port_file: Path | None = None
-    """If set, the bound gRPC port (line 1) and metrics port (line 2) are written here."""
+    """If set, the bound gRPC port (line 1) and metrics port (line 2) are written here,
+    atomically."""
     metrics_port: int | None = None
-    """Prometheus /metrics HTTP port; None disables it, 0 picks a free port."""
+    """Prometheus /metrics HTTP port; unset disables it, 0 picks a free port."""
     admin_token_file: Path | None = None
-    """File the admin token was read from (passed on to --workers children)."""
+    """File holding the bearer token LoadVersion/UnloadVersion must send as
+    'authorization: Bearer <token>'. Without it admin RPCs are refused entirely (versions
+    then come only from --preload)."""
     admin_token: str | None = field(default=None, repr=False)
-    """Bearer token admin RPCs must present; None disables admin RPCs entirely."""
+    """Bearer token admin RPCs must present (read from admin_token_file); None disables them."""
     memory_budget_bytes: int = 0
-    """Upper bound on table bytes mapped by all loaded versions together."""
+    """Upper bound on table bytes mapped by all loaded versions together: bytes (8000000000,
+    8G, 8GiB) or a fraction of RAM or of the cgroup memory limit (e.g. 0.5)."""
     workers: int = 1
     """Server processes sharing the port through SO_REUSEPORT (one core each)."""
     max_rows_per_request: int = 1 << 20
     """Largest total row count one Lookup may ask for (INVALID_ARGUMENT above)."""
     max_concurrent: int = 32
-    """Lookups allowed in flight at once; more get RESOURCE_EXHAUSTED."""
+    """Lookups allowed in flight per process at once; more get RESOURCE_EXHAUSTED."""
     grace_period_s: float = 10.0
     """On SIGTERM, seconds in-flight RPCs get to finish before they are cancelled."""
     drain_timeout_s: float = 30.0
-    """Default time UnloadVersion waits for a version's in-flight lookups."""
+    """Default seconds UnloadVersion waits for a version's in-flight lookups."""
     log_level: str = "INFO"
-    """Python logging level name."""
+    """Python logging level: DEBUG, INFO, WARNING or ERROR."""
     peer_dir: Path | None = None
     """Internal (set by the --workers supervisor): where sibling workers list their ports."""
 
@@ -68,29 +74,20 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         """Raise ConfigError naming the first bad setting; return self when all are sane."""
-        if not self.store.is_dir():
-            raise ConfigError(f"--store {self.store}: not a directory")
-        if self.num_shards < 1:
-            raise ConfigError(f"--num-shards must be >= 1, got {self.num_shards}")
+        require_path(ConfigError, "--store", self.store, "dir")
+        require_at_least(ConfigError, 1, {"--num-shards": self.num_shards})
         if not 0 <= self.shard < self.num_shards:
             raise ConfigError(f"--shard must be in [0, {self.num_shards}), got {self.shard}")
-        for name, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
-            if port is not None and not 0 <= port <= 65535:
-                raise ConfigError(f"{name} must be in [0, 65535], got {port}")
+        require_port(ConfigError, "--port", self.port)
+        require_port(ConfigError, "--metrics-port", self.metrics_port)
         if self.metrics_port is not None and self.metrics_port == self.port != 0:
             raise ConfigError(f"--metrics-port {self.metrics_port} is also the gRPC --port")
-        if self.memory_budget_bytes <= 0:
-            raise ConfigError(f"--memory-budget must be > 0 bytes, got {self.memory_budget_bytes}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.max_rows_per_request < 1:
-            raise ConfigError(f"--max-rows-per-request must be >= 1, got {self.max_rows_per_request}")
-        if self.max_concurrent < 1:
-            raise ConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
-        if self.grace_period_s < 0:
-            raise ConfigError(f"--grace-period must be >= 0 seconds, got {self.grace_period_s}")
-        if self.drain_timeout_s <= 0:
-            raise ConfigError(f"--drain-timeout must be > 0 seconds, got {self.drain_timeout_s}")
+        require_at_least(ConfigError, 0, {"--memory-budget": self.memory_budget_bytes}, strictly=True)
+        require_at_least(ConfigError, 1, {
+            "--workers": self.workers, "--max-rows-per-request": self.max_rows_per_request,
+            "--max-concurrent": self.max_concurrent})
+        require_at_least(ConfigError, 0, {"--grace-period": self.grace_period_s})
+        require_at_least(ConfigError, 0, {"--drain-timeout": self.drain_timeout_s}, strictly=True)
         if self.admin_token is not None and not self.admin_token:
             raise ConfigError("--admin-token-file is empty; put a non-empty token in it")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -141,64 +138,42 @@ def parse_model_version(text: str) -> tuple[str, str]:
         raise ConfigError(f"--preload {text!r}: {e}") from None
 
 
+def _preload(texts: list[str]) -> tuple[tuple[str, str], ...]:
+    return tuple(parse_model_version(t) for t in texts)
+
+
+# Only where an option differs from its field: older flag names, a repeated flag, and
+# values parsed after argparse so that their errors are ConfigErrors naming the value.
+FLAGS = ConfigFlags(ServerConfig, skip=("admin_token",), flags={
+    "preload": Flag(repeat=True, metavar="MODEL/VERSION", convert=_preload),
+    "memory_budget_bytes": Flag(name="--memory-budget", default="0.8", convert=parse_memory_budget),
+    "grace_period_s": Flag(name="--grace-period"),
+    "drain_timeout_s": Flag(name="--drain-timeout"),
+    "peer_dir": Flag(hidden=True),
+})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="embedding-server",
         description="Serve one row shard of INT4 embedding tables over gRPC "
         "(hybrid.embedding.v1.EmbeddingService), memory-mapped from a model store.",
     )
-    p.add_argument("--store", required=True, type=Path, help="model store root: STORE/<model>/<version>/")
-    p.add_argument("--shard", type=int, default=0, help="this server's shard index k (default 0)")
-    p.add_argument("--num-shards", type=int, default=1, help="total shards S (default 1)")
-    p.add_argument("--preload", action="append", default=[], metavar="MODEL/VERSION",
-                   help="load this version at startup, before reporting SERVING (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 = pick a free one (default 50051)")
-    p.add_argument("--port-file", type=Path, default=None,
-                   help="write the bound gRPC port (line 1) and metrics port (line 2) here, atomically")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics on this port; 0 = pick a free one (default: off)")
-    p.add_argument("--admin-token-file", type=Path, default=None,
-                   help="file holding the bearer token that LoadVersion/UnloadVersion must send as "
-                   "'authorization: Bearer <token>'. Without it, admin RPCs are refused entirely "
-                   "(versions can then only come from --preload)")
-    p.add_argument("--memory-budget", default="0.8",
-                   help="max bytes of mapped table files over all loaded versions: bytes "
-                   "(8000000000, 8G, 8GiB) or a fraction of RAM/cgroup limit (default 0.8)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes sharing the port via SO_REUSEPORT (default 1)")
-    p.add_argument("--max-rows-per-request", type=int, default=1 << 20,
-                   help="largest total rows in one Lookup (default 1048576)")
-    p.add_argument("--max-concurrent", type=int, default=32,
-                   help="lookups in flight per process; beyond it RESOURCE_EXHAUSTED (default 32)")
-    p.add_argument("--grace-period", type=float, default=10.0,
-                   help="seconds in-flight RPCs get to finish after SIGTERM (default 10)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="default seconds UnloadVersion waits for in-flight lookups (default 30)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    p.add_argument("--peer-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    FLAGS.add_to(p)
     return p
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     """Parse the command line into a validated ServerConfig (ConfigError on bad values)."""
-    a = build_parser().parse_args(argv)
+    values = FLAGS.values(build_parser().parse_args(argv))
     token = None
-    if a.admin_token_file is not None:
+    if values["admin_token_file"] is not None:
         try:
-            token = a.admin_token_file.read_text(encoding="utf-8").strip()
+            token = values["admin_token_file"].read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--admin-token-file {a.admin_token_file}: cannot read it: {e}") from None
-    return ServerConfig(
-        store=a.store, shard=a.shard, num_shards=a.num_shards,
-        preload=tuple(parse_model_version(s) for s in a.preload),
-        host=a.host, port=a.port, port_file=a.port_file, metrics_port=a.metrics_port,
-        admin_token_file=a.admin_token_file, admin_token=token,
-        memory_budget_bytes=parse_memory_budget(a.memory_budget),
-        workers=a.workers, max_rows_per_request=a.max_rows_per_request,
-        max_concurrent=a.max_concurrent, grace_period_s=a.grace_period,
-        drain_timeout_s=a.drain_timeout, log_level=a.log_level, peer_dir=a.peer_dir,
-    ).validate()
+            raise ConfigError(
+                f"--admin-token-file {values['admin_token_file']}: cannot read it: {e}") from None
+    return ServerConfig(**values, admin_token=token).validate()
 
 
 def worker_argv(cfg: ServerConfig, port: int, peer_dir: Path) -> list[str]:

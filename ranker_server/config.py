@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from modelpack.configcli import require_at_least, require_path, require_port
 from modelpack.schema import SchemaError, check_name
 
 DeviceKind = Literal["auto", "cuda", "cpu"]
@@ -50,7 +51,8 @@ class RankerConfig:
     version: str = "v1"
     """Version loaded, prepared and activated at startup."""
     embedding_shards: tuple[tuple[str, ...], ...] = ()
-    """Embedding shards in shard order, each a tuple of replica targets (see parse_shards)."""
+    """Embedding shards in shard order, each a tuple of replica targets. On the command line:
+    comma-separated shards, each a dns:///host:port target or host:port replicas joined with |."""
     local_tables: bool = False
     """Read tables in-process from the store instead of calling embedding shards."""
     device: DeviceKind = "auto"
@@ -62,13 +64,14 @@ class RankerConfig:
     port_file: Path | None = None
     """If set, the bound port is written here (atomically) once the server accepts requests."""
     admin_token_file: Path | None = None
-    """File holding the admin bearer token; None disables the admin API (403)."""
+    """File holding the admin bearer token; without it the admin API answers 403."""
     max_batch_candidates: int = 4096
     """Upper bound on candidates in one device batch (a single request may fill it alone)."""
     max_batch_wait_ms: float = 1.0
     """How long the oldest queued request may wait for others to join its batch."""
     eager_dispatch: bool = True
-    """Start a batch at once when none is running; False always waits max_batch_wait_ms."""
+    """Start a batch at once when none is running; --no-eager-dispatch always waits
+    max_batch_wait_ms for the batch to fill."""
     max_queue: int = 256
     """Requests that may wait for a batch; beyond it new requests get 429."""
     max_batches_in_flight: int = 2
@@ -94,7 +97,7 @@ class RankerConfig:
     retry_after_s: int = 1
     """Retry-After header value on 429 and overload 503 answers."""
     log_level: str = "info"
-    """Python logging level name."""
+    """Python logging level: debug, info, warning, error or critical."""
 
     def validate(self) -> RankerConfig:
         """Raise ConfigError naming the first bad field and value; return self."""
@@ -103,37 +106,27 @@ class RankerConfig:
             check_name("version", self.version)
         except SchemaError as e:
             raise ConfigError(str(e)) from None
-        if not self.store.is_dir():
-            raise ConfigError(f"store: {str(self.store)!r} is not a directory")
+        require_path(ConfigError, "store", self.store, "dir")
         if self.local_tables == bool(self.embedding_shards):
             raise ConfigError(
                 "embedding_shards: give either --embedding-shards or --local-tables, "
                 f"got shards={list(self.embedding_shards)!r} local_tables={self.local_tables}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device: must be auto, cuda or cpu, got {self.device!r}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: must be in [0, 65535], got {self.port}")
-        if self.admin_token_file is not None:
-            if not self.admin_token_file.is_file():
-                raise ConfigError(f"admin_token_file: {str(self.admin_token_file)!r} is not a file")
-            if not self.admin_token_file.read_text(encoding="utf-8").strip():
-                raise ConfigError(f"admin_token_file: {str(self.admin_token_file)!r} is empty")
-        positive = {
+        require_port(ConfigError, "port", self.port)
+        require_path(ConfigError, "admin_token_file", self.admin_token_file, "file")
+        if self.admin_token_file is not None and not self.admin_token():
+            raise ConfigError(f"admin_token_file {str(self.admin_token_file)!r} is empty")
+        require_at_least(ConfigError, 0, {
             "max_batch_candidates": self.max_batch_candidates, "max_queue": self.max_queue,
             "max_batches_in_flight": self.max_batches_in_flight,
             "max_candidates": self.max_candidates, "max_body_bytes": self.max_body_bytes,
             "default_timeout_ms": self.default_timeout_ms, "max_timeout_ms": self.max_timeout_ms,
             "prepare_timeout_s": self.prepare_timeout_s, "startup_retry_s": self.startup_retry_s,
-            "drain_timeout_s": self.drain_timeout_s,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{name}: must be > 0, got {value}")
-        for name, fvalue in (("max_batch_wait_ms", self.max_batch_wait_ms),
-                             ("drain_grace_s", self.drain_grace_s),
-                             ("retry_after_s", float(self.retry_after_s))):
-            if not fvalue >= 0:
-                raise ConfigError(f"{name}: must be >= 0, got {fvalue}")
+            "drain_timeout_s": self.drain_timeout_s}, strictly=True)
+        require_at_least(ConfigError, 0, {
+            "max_batch_wait_ms": self.max_batch_wait_ms, "drain_grace_s": self.drain_grace_s,
+            "retry_after_s": self.retry_after_s})
         if self.max_candidates > self.max_batch_candidates:
             raise ConfigError(
                 f"max_candidates: {self.max_candidates} exceeds max_batch_candidates "

@@ -50,7 +50,7 @@ def test_parse_and_validate(tmp_path: Path) -> None:
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
     (["--max-rows-per-request", "0"], "--max-rows-per-request must be >= 1, got 0"),
-    (["--grace-period", "-1"], "--grace-period must be >= 0 seconds, got -1.0"),
+    (["--grace-period", "-1"], "--grace-period must be >= 0, got -1.0"),
     (["--preload", "m"], "--preload 'm': expected MODEL/VERSION"),
     (["--preload", "m/.."], "invalid version name"),
     (["--log-level", "LOUD"], "--log-level must be"),
