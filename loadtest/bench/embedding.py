@@ -103,7 +103,8 @@ def judge_cell(c: Cell, s: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], l
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench.embedding", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench.embedding",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=20_000_000, help="table rows (default 20M)")
     p.add_argument("--dim", type=int, default=32, help="embedding dim (default 32)")
     p.add_argument("--seconds", type=float, default=2.0,
