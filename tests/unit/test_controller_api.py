@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,7 @@ from fastapi.testclient import TestClient
 from deploy_controller.app import build_app
 from deploy_controller.config import ConfigError, ControllerConfig
 from deploy_controller.fake import FakeFleet
-from deploy_controller.gates import GateConfig
-
-TOKEN = "s3cret-token"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
-
-
-def config(tmp_path: Path, **kw: Any) -> ControllerConfig:
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "fleet.json").write_text('{"rankers": [], "embedding_shards": [["x:1"]]}')
-    base = ControllerConfig(journal=tmp_path / "journal.sqlite",
-                            admin_token_file=tmp_path / "token", fleet=tmp_path / "fleet.json",
-                            default_bake_s=0.0, gate_interval_s=0.01, retry_backoff_s=0.001,
-                            gates=GateConfig(min_requests=10))
-    return replace(base, **kw).validate()
+from tests.unit.controller_helpers import AUTH, MakeConfig
 
 
 @pytest.fixture
@@ -36,8 +22,8 @@ def fleet() -> FakeFleet:
 
 
 @pytest.fixture
-def client(tmp_path: Path, fleet: FakeFleet) -> Iterator[TestClient]:
-    with TestClient(build_app(config(tmp_path), fleet=fleet)) as c:
+def client(controller_config: MakeConfig, fleet: FakeFleet) -> Iterator[TestClient]:
+    with TestClient(build_app(controller_config(), fleet=fleet)) as c:
         yield c
 
 
@@ -151,8 +137,9 @@ def test_model_rollback_returns_to_the_previous_version(client: TestClient,
     assert fleet.serving() == {"v1"} and not fleet.held("v2")
 
 
-def test_restart_recovers_the_interrupted_rollout(tmp_path: Path, fleet: FakeFleet) -> None:
-    cfg = config(tmp_path)
+def test_restart_recovers_the_interrupted_rollout(controller_config: MakeConfig,
+                                                  fleet: FakeFleet) -> None:
+    cfg = controller_config()
     with TestClient(build_app(cfg, fleet=fleet)) as c:
         rid = c.post("/v1/rollouts", json={"model": "m", "version": "v2", "bake_s": 60},
                      headers=AUTH).json()["id"]
@@ -171,17 +158,17 @@ def test_restart_recovers_the_interrupted_rollout(tmp_path: Path, fleet: FakeFle
         assert wait_done(c, rid)["status"] == "rolled_back"
 
 
-def test_config_validation_names_the_bad_value(tmp_path: Path) -> None:
+def test_config_validation_names_the_bad_value(controller_config: MakeConfig) -> None:
     with pytest.raises(ConfigError, match="admin_token_file is required"):
         ControllerConfig().validate()
     with pytest.raises(ConfigError, match="fleet file"):
-        config(tmp_path, fleet=None)
+        controller_config(fleet=None)
     with pytest.raises(ConfigError, match="gate_interval_s must be > 0, got 0"):
-        config(tmp_path, gate_interval_s=0)
+        controller_config(gate_interval_s=0)
     with pytest.raises(ConfigError, match="last canary share"):
-        config(tmp_path, default_canary=(5, 25))
+        controller_config(default_canary=(5, 25))
     with pytest.raises(ConfigError, match="crash_at"):
-        config(tmp_path, crash_at="prepare")
+        controller_config(crash_at="prepare")
 
 
 def test_command_line_maps_onto_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -204,13 +191,13 @@ def test_command_line_maps_onto_the_config(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize(("step", "outcome"), [
     ("unload_old_rankers", "refused"), ("unload_old_shards", "refused"),
     ("rollback_traffic", "noop"), ("unload_new_shards", "noop"), ("bake:1", "abort")])
-def test_abort_by_phase(tmp_path: Path, step: str, outcome: str) -> None:
+def test_abort_by_phase(tmp_path: Path, controller_config: MakeConfig, step: str, outcome: str) -> None:
     from deploy_controller.controller import Controller, ControllerError
     from deploy_controller.journal import Journal
     from deploy_controller.state import Kind, Outcome, Step
 
     journal = Journal(tmp_path / "j.sqlite")
-    c = Controller(config(tmp_path), journal, FakeFleet())
+    c = Controller(controller_config(), journal, FakeFleet())
     r = journal.create("m", "v1", "v2", [50, 100], 0)
     journal.end(r.id, Step(Kind.LOAD_DENSE), Outcome.OK, Step.parse(step))
     if outcome == "refused":

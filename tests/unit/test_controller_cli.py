@@ -16,7 +16,7 @@ import uvicorn
 from deploy_controller import cli
 from deploy_controller.app import build_app
 from deploy_controller.fake import FakeFleet
-from tests.unit.test_controller_api import TOKEN, config
+from tests.unit.controller_helpers import TOKEN, MakeConfig
 
 
 @dataclass
@@ -33,9 +33,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+def served(tmp_path: Path, controller_config: MakeConfig) -> Iterator[Served]:
     fleet = FakeFleet()
-    cfg = config(tmp_path)
+    cfg = controller_config()
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(cfg, fleet=fleet), host="127.0.0.1",
                                           port=port, log_level="warning"))

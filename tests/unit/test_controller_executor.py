@@ -4,75 +4,24 @@ one version everywhere and the fake must have seen no moment of possible mismatc
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deploy_controller.config import ControllerConfig
-from deploy_controller.executor import Executor
 from deploy_controller.fake import FakeFleet
 from deploy_controller.fleet import FleetError
-from deploy_controller.gates import GateConfig
-from deploy_controller.journal import Journal, Rollout
+from deploy_controller.journal import Rollout
 from deploy_controller.state import Status, plan
-
-FAST = ControllerConfig(default_bake_s=0.0, gate_interval_s=0.005, retry_backoff_s=0.001,
-                        gates=GateConfig(min_requests=10, max_score_drift=0.05))
-
-
-@dataclass
-class Harness:
-    fleet: FakeFleet
-    journal: Journal
-    executor: Executor
-    cfg: ControllerConfig
-
-    def start(self, canary: list[int] | None = None, bake_s: float = 0.0,
-              to: str = "v2") -> Rollout:
-        return self.journal.create("m", "v1", to, canary or [50, 100], bake_s)
-
-    def run(self, rollout: Rollout) -> Rollout:
-        return asyncio.run(self.executor.run(rollout.id))
-
-    def abort_at(self, point: str) -> None:
-        """Request an abort when the journal writes `point` (STEP:begin|end)."""
-        def hook(_: str) -> None:
-            (r,) = self.journal.active()
-            self.journal.request_abort(r.id, "test")
-            self.executor.signal_abort(r.id, "test")
-        self.executor.cfg = replace(self.executor.cfg, crash_at=point)
-        self.executor._crash = hook
-
-
-def make(tmp_path: Path, crash: Callable[[str], None] | None = None, **cfg: Any) -> Harness:
-    config = replace(FAST, **cfg)
-    fleet = FakeFleet()
-    journal = Journal(tmp_path / "journal.sqlite")
-    ex = Executor(journal, fleet, config, crash=crash or (lambda p: None))
-    return Harness(fleet, journal, ex, config)
-
-
-def assert_serving_only(h: Harness, version: str, gone: str) -> None:
-    assert h.fleet.violations == []
-    assert h.fleet.serving() == {version}
-    for r in h.fleet.rankers.values():
-        assert r.active == version and r.split == {version: 1.0}
-        assert r.versions[version] in ("active",)
-    for held in h.fleet.shards.values():
-        assert held[version].state == "ready"
-    assert not h.fleet.held(gone), f"{gone} should be unloaded everywhere"
+from tests.unit.controller_helpers import MakeHarness, assert_serving_only
 
 
 def step_log(r: Rollout) -> list[tuple[str, str, str]]:
     return [(e.step, e.event, e.outcome) for e in r.events if e.event in ("begin", "end")]
 
 
-def test_happy_path_moves_the_fleet_to_the_new_version(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_happy_path_moves_the_fleet_to_the_new_version(make_harness: MakeHarness) -> None:
+    h = make_harness()
     r = h.run(h.start([25, 50, 100]))
     assert r.status is Status.SUCCEEDED and r.reason == ""
     assert_serving_only(h, "v2", gone="v1")
@@ -83,17 +32,17 @@ def test_happy_path_moves_the_fleet_to_the_new_version(tmp_path: Path) -> None:
     assert shares == [{"v1": 0.75, "v2": 0.25}, {"v1": 0.5, "v2": 0.5}, {"v2": 1.0}]
 
 
-def test_every_replica_and_ranker_is_driven(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_every_replica_and_ranker_is_driven(make_harness: MakeHarness) -> None:
+    h = make_harness()
     h.run(h.start())
     loads = {s for op, s in h.fleet.calls if op == "shard_load"}
     assert loads == {a for reps in h.fleet.shard_addrs for a in reps}
     assert {s for op, s in h.fleet.calls if op == "ranker_prepare"} == set(h.fleet.ranker_urls)
 
 
-def test_rerunning_steps_is_idempotent(tmp_path: Path) -> None:
+def test_rerunning_steps_is_idempotent(make_harness: MakeHarness) -> None:
     """Loads and prepares are skipped where the fleet already holds the version."""
-    h = make(tmp_path)
+    h = make_harness()
     for url in h.fleet.ranker_urls:
         h.fleet.rankers[url].versions["v2"] = "loaded"
     r = h.run(h.start())
@@ -111,17 +60,17 @@ def test_rerunning_steps_is_idempotent(tmp_path: Path) -> None:
     (lambda f: f.faults.setdefault(("ranker_split", "http://ranker-1"), []).append(
         FleetError("r", "HTTP 422: bad split", status=422)), "shift_failed"),
 ])
-def test_failures_roll_back_to_the_old_version(tmp_path: Path, setup: Callable[[FakeFleet], Any],
+def test_failures_roll_back_to_the_old_version(make_harness: MakeHarness, setup: Callable[[FakeFleet], Any],
                                                 code: str) -> None:
-    h = make(tmp_path)
+    h = make_harness()
     setup(h.fleet)
     r = h.run(h.start())
     assert r.status is Status.ROLLED_BACK and r.reason_code == code, r.reason
     assert_serving_only(h, "v1", gone="v2")
 
 
-def test_does_not_fit_says_blue_green_is_a_follow_up(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_does_not_fit_says_blue_green_is_a_follow_up(make_harness: MakeHarness) -> None:
+    h = make_harness()
     h.fleet.budget_bytes = 150
     r = h.run(h.start())
     assert "blue/green" in r.reason and "follow-up" in r.reason and "needs 100 bytes" in r.reason
@@ -133,8 +82,8 @@ def test_does_not_fit_says_blue_green_is_a_follow_up(tmp_path: Path) -> None:
     ({"mean_score": 0.9}, "gate_score_drift"),
     ({"mismatches_per_scrape": 1}, "gate_mismatch"),
 ])
-def test_failing_gate_rolls_back(tmp_path: Path, behavior: dict[str, float], code: str) -> None:
-    h = make(tmp_path)
+def test_failing_gate_rolls_back(make_harness: MakeHarness, behavior: dict[str, float], code: str) -> None:
+    h = make_harness()
     for k, v in behavior.items():
         setattr(h.fleet.behavior["v2"], k, v)
     r = h.run(h.start([50, 100], bake_s=0.02))
@@ -143,8 +92,8 @@ def test_failing_gate_rolls_back(tmp_path: Path, behavior: dict[str, float], cod
     assert_serving_only(h, "v1", gone="v2")
 
 
-def test_gate_failing_after_full_switch_still_rolls_back(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_gate_failing_after_full_switch_still_rolls_back(make_harness: MakeHarness) -> None:
+    h = make_harness()
 
     def degrade(op: str, server: str) -> None:
         if op == "ranker_activate" and server == h.fleet.ranker_urls[-1]:
@@ -156,8 +105,8 @@ def test_gate_failing_after_full_switch_still_rolls_back(tmp_path: Path) -> None
     assert_serving_only(h, "v1", gone="v2")
 
 
-def test_flapping_gate_rolls_back(tmp_path: Path) -> None:
-    h = make(tmp_path, gate_fail_after=2, gate_max_failures=3)
+def test_flapping_gate_rolls_back(make_harness: MakeHarness) -> None:
+    h = make_harness(gate_fail_after=2, gate_max_failures=3)
     flips = {"n": 0}
 
     def flap(op: str, server: str) -> None:
@@ -171,8 +120,8 @@ def test_flapping_gate_rolls_back(tmp_path: Path) -> None:
     assert_serving_only(h, "v1", gone="v2")
 
 
-def test_a_single_blip_is_tolerated(tmp_path: Path) -> None:
-    h = make(tmp_path, gate_fail_after=2, gate_max_failures=3)
+def test_a_single_blip_is_tolerated(make_harness: MakeHarness) -> None:
+    h = make_harness(gate_fail_after=2, gate_max_failures=3)
     seen = {"n": 0}
 
     def blip(op: str, server: str) -> None:
@@ -187,8 +136,8 @@ def test_a_single_blip_is_tolerated(tmp_path: Path) -> None:
     assert bake.detail["failures"] == 1
 
 
-def test_transient_errors_are_retried(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_transient_errors_are_retried(make_harness: MakeHarness) -> None:
+    h = make_harness()
     h.fleet.faults[("shard_load", "shard-0-0:50051")] = [
         FleetError("s", "UNAVAILABLE", retryable=True)] * 2
     h.fleet.faults[("ranker_unload", "*")] = [
@@ -204,8 +153,8 @@ ABORT_POINTS = ["load_dense:begin", "check_fit:begin", "load_embeddings:begin",
 
 
 @pytest.mark.parametrize("point", ABORT_POINTS)
-def test_abort_in_phase_1_or_2_rolls_back(tmp_path: Path, point: str) -> None:
-    h = make(tmp_path)
+def test_abort_in_phase_1_or_2_rolls_back(make_harness: MakeHarness, point: str) -> None:
+    h = make_harness()
     h.abort_at(point)
     r = h.run(h.start([50, 100], bake_s=0.05))
     assert r.status is Status.ROLLED_BACK and r.reason_code == "abort", r.reason
@@ -215,8 +164,8 @@ def test_abort_in_phase_1_or_2_rolls_back(tmp_path: Path, point: str) -> None:
 
 @pytest.mark.parametrize("point", ["unload_old_rankers:begin", "unload_old_shards:begin",
                                    "rollback_traffic:begin", "unload_new_shards:begin"])
-def test_abort_in_retire_or_rollback_changes_nothing(tmp_path: Path, point: str) -> None:
-    h = make(tmp_path)
+def test_abort_in_retire_or_rollback_changes_nothing(make_harness: MakeHarness, point: str) -> None:
+    h = make_harness()
     if point.startswith(("rollback", "unload_new")):
         h.fleet.fail_load.add(("*", "v2"))
     h.abort_at(point)
@@ -227,16 +176,16 @@ def test_abort_in_retire_or_rollback_changes_nothing(tmp_path: Path, point: str)
     assert r.reason_code != "abort"
 
 
-def test_retire_step_that_keeps_failing_ends_failed_with_new_serving(tmp_path: Path) -> None:
-    h = make(tmp_path, step_attempts=2)
+def test_retire_step_that_keeps_failing_ends_failed_with_new_serving(make_harness: MakeHarness) -> None:
+    h = make_harness(step_attempts=2)
     h.fleet.faults[("shard_unload", "*")] = [FleetError("s", "UNAVAILABLE", retryable=True)] * 9
     r = h.run(h.start())
     assert r.status is Status.FAILED and r.reason_code == "retire_failed"
     assert h.fleet.serving() == {"v2"} and h.fleet.violations == []
 
 
-def test_rollback_step_that_keeps_failing_ends_failed(tmp_path: Path) -> None:
-    h = make(tmp_path, step_attempts=2)
+def test_rollback_step_that_keeps_failing_ends_failed(make_harness: MakeHarness) -> None:
+    h = make_harness(step_attempts=2)
     h.fleet.fail_load.add(("*", "v2"))
     h.fleet.faults[("shard_versions", "shard-0-0:50051")] = [
         FleetError("s", "UNAVAILABLE", retryable=True)] * 99
@@ -245,15 +194,15 @@ def test_rollback_step_that_keeps_failing_ends_failed(tmp_path: Path) -> None:
     assert h.fleet.serving() == {"v1"}
 
 
-def test_unknown_version_rolls_back(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_unknown_version_rolls_back(make_harness: MakeHarness) -> None:
+    h = make_harness()
     r = h.run(h.start(to="v9"))
     assert r.status is Status.ROLLED_BACK and "404" in r.reason
     assert h.fleet.serving() == {"v1"}
 
 
-def test_progress_view_shows_servers(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_progress_view_shows_servers(make_harness: MakeHarness) -> None:
+    h = make_harness()
     views: list[dict[str, Any]] = []
 
     def grab(op: str, server: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,7 @@ from deploy_controller.executor import Executor
 from deploy_controller.journal import Journal
 from deploy_controller.recovery import RESUME, ROLLBACK, decide, recover
 from deploy_controller.state import Kind, Outcome, Status, Step, plan
-from tests.unit.test_controller_executor import Harness, assert_serving_only, make
+from tests.unit.controller_helpers import Harness, MakeHarness, assert_serving_only
 
 
 class SimulatedCrash(BaseException):
@@ -52,8 +51,8 @@ def _crash_then_recover(h: Harness, point: str, *, bake_s: float = 0.02,
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_crash_at_every_step_boundary_resumes_to_success(tmp_path: Path, point: str) -> None:
-    h = make(tmp_path)
+def test_crash_at_every_step_boundary_resumes_to_success(make_harness: MakeHarness, point: str) -> None:
+    h = make_harness()
     action, status = _crash_then_recover(h, point)
     assert action == (RESUME if point != "unload_old_shards:end" else "none")
     assert status == Status.SUCCEEDED
@@ -68,8 +67,8 @@ def test_crash_at_every_step_boundary_resumes_to_success(tmp_path: Path, point: 
 
 @pytest.mark.parametrize("point", [p for p in POINTS if p.startswith(("shift", "bake"))
                                    and p != "bake:1:end"])
-def test_long_unsupervised_canary_rolls_back(tmp_path: Path, point: str) -> None:
-    h = make(tmp_path, max_unsupervised_s=60.0)
+def test_long_unsupervised_canary_rolls_back(make_harness: MakeHarness, point: str) -> None:
+    h = make_harness(max_unsupervised_s=60.0)
     action, status = _crash_then_recover(h, point, downtime_s=3600)
     assert (action, status) == (ROLLBACK, Status.ROLLED_BACK)
     (r,) = h.journal.history()
@@ -78,16 +77,16 @@ def test_long_unsupervised_canary_rolls_back(tmp_path: Path, point: str) -> None
 
 
 @pytest.mark.parametrize("point", ["load_dense:end", "check_fit:begin", "prepare:end"])
-def test_long_downtime_before_any_canary_still_resumes(tmp_path: Path, point: str) -> None:
-    h = make(tmp_path, max_unsupervised_s=60.0)
+def test_long_downtime_before_any_canary_still_resumes(make_harness: MakeHarness, point: str) -> None:
+    h = make_harness(max_unsupervised_s=60.0)
     assert _crash_then_recover(h, point, downtime_s=3600) == (RESUME, Status.SUCCEEDED)
 
 
 @pytest.mark.parametrize("point", ["rollback_traffic:begin", "rollback_traffic:end",
                                    "unload_new_rankers:begin", "unload_new_shards:begin",
                                    "unload_new_shards:end"])
-def test_crash_while_rolling_back_finishes_the_rollback(tmp_path: Path, point: str) -> None:
-    h = make(tmp_path)
+def test_crash_while_rolling_back_finishes_the_rollback(make_harness: MakeHarness, point: str) -> None:
+    h = make_harness()
     h.fleet.behavior["v2"].error_rate = 0.9
     action, status = _crash_then_recover(h, point, downtime_s=3600)
     want = "none" if point == "unload_new_shards:end" else RESUME
@@ -95,14 +94,14 @@ def test_crash_while_rolling_back_finishes_the_rollback(tmp_path: Path, point: s
     assert_serving_only(h, "v1", gone="v2")
 
 
-def test_last_gate_passed_then_long_crash_retires_forward(tmp_path: Path) -> None:
-    h = make(tmp_path, max_unsupervised_s=60.0)
+def test_last_gate_passed_then_long_crash_retires_forward(make_harness: MakeHarness) -> None:
+    h = make_harness(max_unsupervised_s=60.0)
     assert _crash_then_recover(h, "bake:1:end", downtime_s=3600) == (RESUME, Status.SUCCEEDED)
     assert_serving_only(h, "v2", gone="v1")
 
 
-def test_crash_after_abort_request_rolls_back(tmp_path: Path) -> None:
-    h = make(tmp_path)
+def test_crash_after_abort_request_rolls_back(make_harness: MakeHarness) -> None:
+    h = make_harness()
     r = h.start(CANARY)
     h.journal.request_abort(r.id, "operator")
     (rid, d), = recover(h.journal, time.time(), 300)
@@ -111,9 +110,9 @@ def test_crash_after_abort_request_rolls_back(tmp_path: Path) -> None:
     assert final.status is Status.ROLLED_BACK and final.reason_code == "abort"
 
 
-def test_interrupted_bake_keeps_its_window(tmp_path: Path) -> None:
+def test_interrupted_bake_keeps_its_window(make_harness: MakeHarness) -> None:
     """Errors served while the controller was down are judged after the restart."""
-    h = make(tmp_path)
+    h = make_harness()
     h.executor.cfg = replace(h.cfg, crash_at="bake:0:begin")
     h.executor._crash = _crash
     r = h.start(CANARY, bake_s=0.05)
@@ -158,9 +157,9 @@ def _next(s: Step) -> Step:
     (Step(Kind.UNLOAD_OLD_SHARDS), False, Status.RUNNING, 9999, RESUME),
     (Step(Kind.BAKE, 0), True, Status.ROLLING_BACK, 9999, RESUME),
 ])
-def test_decide_table(tmp_path: Path, step: Step, begun: bool, status: Status,
+def test_decide_table(make_harness: MakeHarness, step: Step, begun: bool, status: Status,
                       downtime: float, action: str) -> None:
-    h = make(tmp_path)
+    h = make_harness()
     _rollout_at(h, step, begun=begun, status=status)
     (r,) = h.journal.active()
     d = decide(r, time.time() + downtime, max_unsupervised_s=300)
