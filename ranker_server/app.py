@@ -58,6 +58,7 @@ def _source(config: RankerConfig) -> TableSource:
 
 def _render(request: Request, exc: Exception) -> Response:
     """Every refusal a handler raises (RankError, AdminError), as its JSON body and status."""
+    # Registered for HttpError only; the fallback keeps the signature Starlette expects honest.
     e = exc if isinstance(exc, HttpError) else HttpError(500, "internal error")
     return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
                     headers=e.headers())
