@@ -123,11 +123,7 @@ def _features(schema: FeatureSchema, table_rows: Mapping[str, int], log: ClickLo
         bags.append((rows_for(values, f.hash_seed, table_rows[f.table]), offsets))
     cols = []
     for d in schema.dense:
-        x = log.dense(d.name).astype(np.float64)
-        if d.normalization == "log1p_standard":
-            x = np.log1p(np.maximum(x, 0.0))
-        if d.normalization != "none":
-            x = (x - d.mean) / d.std
+        x = d.normalize_array(log.dense(d.name))  # the ranker's own normalization
         cols.append(np.repeat(x, c) if d.side == "user" else x)
     dense = np.stack(cols, axis=1).astype(np.float32) if cols else np.zeros((r * c, 0), np.float32)
     return _Features(bags, dense, np.arange(r + 1, dtype=np.int64) * c,
