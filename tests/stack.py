@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from loadtest.harness.load import HttpPool, RunResult, closed_loop
-from loadtest.harness.probes import LOOPBACK, grpc_serving, http_ready
+from loadtest.harness.probes import LOOPBACK, grpc_serving, http_ready, metric_sum
 from loadtest.harness.process import ServerProcess, start_all, stop_all
 from loadtest.stack.commands import controller_args, fleet_json, ranker_args, shard_args
 from modelpack.demo import DemoSize, build_demo_store
@@ -117,9 +117,7 @@ class Stack:
         return out
 
     def mismatches(self, ranker: ServerProcess | None = None) -> float:
-        text = httpx.get(f"http://{(ranker or self.ranker).address}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("ranker_version_mismatch_total"))
+        return metric_sum(ranker or self.ranker, "ranker_version_mismatch_total")
 
     def assert_consistent(self, version: str) -> None:
         """Exactly one version everywhere, prepared on the ranker and READY on every shard."""

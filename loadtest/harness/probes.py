@@ -1,4 +1,4 @@
-"""Readiness probes for the servers' `ready=` hook, and a free-port check.
+"""Asking a running server: readiness probes for ServerProcess's `ready=` hook, metric sums, free ports.
 
 Each probe takes an address ("127.0.0.1:8080") or anything with an `.address` (a
 ServerProcess), so it serves directly as `ServerProcess(..., ready=grpc_serving)`:
@@ -51,6 +51,16 @@ def grpc_serving(target: str | Addressed, timeout: float = 1.0) -> bool:
         except grpc.RpcError:
             return False
     return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def metric_sum(target: str | Addressed, prefix: str, timeout: float = 10.0) -> float:
+    """Sum of the samples on GET http://address/metrics whose line starts with `prefix`
+    (a metric name, or a name and the start of its labels: over every label set)."""
+    import httpx
+
+    text = httpx.get(f"http://{_address(target)}/metrics", timeout=timeout).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
 
 
 def port_free(port: int, host: str = LOOPBACK) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from loadtest.harness.probes import grpc_serving, http_ready, port_free
+from loadtest.harness.probes import grpc_serving, http_ready, metric_sum, port_free
 from loadtest.harness.process import ServerDied, ServerProcess, stop_all
 from loadtest.stack.commands import (
     DEFAULT_PORTS,
@@ -252,11 +252,9 @@ class LocalStack:
 
     def metric(self, prefix: str) -> float:
         """Sum of the ranker's /metrics samples whose line starts with `prefix`."""
-        import httpx
-
-        text = httpx.get(f"{self.ranker_url}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(prefix))
+        if self.ranker is None:
+            raise StackError("ranker not started")
+        return metric_sum(self.ranker, prefix)
 
 
 # ------------------------------------------------------------------ the demo store

@@ -31,7 +31,7 @@ import pytest
 
 from deploy_controller import cli
 from loadtest.harness.load import HttpPool, RunResult, closed_loop, open_loop
-from loadtest.harness.probes import LOOPBACK
+from loadtest.harness.probes import LOOPBACK, metric_sum
 from loadtest.harness.process import ServerProcess
 from modelpack.manifest import read_manifest
 from ranker_server.codec import encode_request
@@ -49,11 +49,6 @@ def stack(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
     with start_stack(store, d, replicas=(2, 1), gates=GATES,
                      shard_extra=("--metrics-port", "0")) as s:
         yield s
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name))
 
 
 # ------------------------------------------------------------------ R4
@@ -274,8 +269,7 @@ def test_r2_sigkill_one_of_two_replicas_under_load_fails_no_request(stack: Stack
     assert a.metrics_port and b.metrics_port
 
     def lookups(s: ServerProcess) -> float:
-        text = httpx.get(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=5).text
-        return _metric(text, "embedding_lookup_duration_seconds_count")
+        return metric_sum(f"{LOOPBACK}:{s.metrics_port}", "embedding_lookup_duration_seconds_count")
 
     # A generous deadline: the figure is about the failover, not about a busy machine.
     with Load(stack, threads=2, extra={"timeout_ms": 5000}) as load:
