@@ -97,6 +97,7 @@ def test_help_shows_every_field_docstring(main: Callable[[list[str]], int], cls:
         main(["--help"])
     assert done.value.code == 0
     shown = _squash(capsys.readouterr().out)
+    assert "--peer-dir" not in shown, "internal flags stay out of --help"
     for name, doc in field_docs(cls).items():
         if name not in skip:
             assert _squash(doc) in shown, f"--help lacks {cls.__name__}.{name}: {doc!r}"
