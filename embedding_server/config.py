@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from modelpack.configcli import ConfigFlags, Flag, require_at_least, require_path, require_port
@@ -145,7 +145,8 @@ def _preload(texts: list[str]) -> tuple[tuple[str, str], ...]:
 # Only where an option differs from its field: older flag names, a repeated flag, and
 # values parsed after argparse so that their errors are ConfigErrors naming the value.
 FLAGS = ConfigFlags(ServerConfig, skip=("admin_token",), flags={
-    "preload": Flag(repeat=True, metavar="MODEL/VERSION", convert=_preload),
+    "preload": Flag(repeat=True, metavar="MODEL/VERSION", convert=_preload,
+                    unparse=lambda pairs: [f"{m}/{v}" for m, v in pairs]),
     "memory_budget_bytes": Flag(name="--memory-budget", default="0.8", convert=parse_memory_budget),
     "grace_period_s": Flag(name="--grace-period"),
     "drain_timeout_s": Flag(name="--drain-timeout"),
@@ -181,15 +182,5 @@ def worker_argv(cfg: ServerConfig, port: int, peer_dir: Path) -> list[str]:
 
     Children serve no metrics and write no port file: the supervisor does both.
     """
-    argv = ["--store", str(cfg.store), "--shard", str(cfg.shard), "--num-shards", str(cfg.num_shards),
-            "--host", cfg.host, "--port", str(port), "--workers", "1",
-            "--memory-budget", str(cfg.memory_budget_bytes),
-            "--max-rows-per-request", str(cfg.max_rows_per_request),
-            "--max-concurrent", str(cfg.max_concurrent), "--grace-period", str(cfg.grace_period_s),
-            "--drain-timeout", str(cfg.drain_timeout_s), "--log-level", cfg.log_level,
-            "--peer-dir", str(peer_dir)]
-    for model, version in cfg.preload:
-        argv += ["--preload", f"{model}/{version}"]
-    if cfg.admin_token_file is not None:
-        argv += ["--admin-token-file", str(cfg.admin_token_file)]
-    return argv
+    child = replace(cfg, port=port, workers=1, peer_dir=peer_dir, metrics_port=None, port_file=None)
+    return FLAGS.argv(child)

@@ -61,6 +61,9 @@ class Flag:
     """Parsed value -> field value, after argparse, so that it may raise the config's error."""
     repeat: bool = False
     """The option may be given several times; convert receives the list of values."""
+    unparse: Callable[[Any], Any] | None = None
+    """Field value -> its command-line text (a list of them for a repeated option): the
+    inverse of convert, for ConfigFlags.argv."""
     metavar: str | None = None
     """The value's placeholder in --help."""
     hidden: bool = False
@@ -70,6 +73,7 @@ class Flag:
 @dataclasses.dataclass(frozen=True)
 class _Option:
     field: str
+    name: str
     dest: str
     negated: bool
     convert: Callable[[Any], Any] | None
@@ -163,6 +167,25 @@ class ConfigFlags:
             out[o.field] = o.convert(value) if o.convert is not None else value
         return out
 
+    def argv(self, config: Any) -> list[str]:
+        """The command line that parses back to config's values (fields set to None left out)."""
+        out: list[str] = []
+        for o in self._options():
+            value = getattr(config, o.field)
+            unparse = self.flags.get(o.field, Flag()).unparse
+            if unparse is not None:
+                value = unparse(value)
+            if value is None:
+                continue
+            if isinstance(value, bool) and o.convert is None:
+                out += [o.name] if value != o.negated else []
+            elif o.repeat:
+                for item in value:
+                    out += [o.name, str(item)]
+            else:
+                out += [o.name, _shown(value) or ""]
+        return out
+
     def _name(self, field: str, over: Flag, hint: Any, default: Any) -> tuple[str, str, bool]:
         negated = hint is bool and default is True and over.convert is None
         base = ("no-" if negated else "") + self.prefix + field.replace("_", "-")
@@ -196,8 +219,8 @@ class ConfigFlags:
             if f.name in self.skip:
                 continue
             over = self.flags.get(f.name, Flag())
-            _, dest, negated = self._name(f.name, over, _unwrap_optional(hints[f.name]), f.default)
-            out.append(_Option(f.name, dest, negated, over.convert, over.repeat))
+            name, dest, negated = self._name(f.name, over, _unwrap_optional(hints[f.name]), f.default)
+            out.append(_Option(f.name, name, dest, negated, over.convert, over.repeat))
         return out
 
 

@@ -63,7 +63,8 @@ class Sample:
 
 
 SAMPLE = ConfigFlags(Sample, env_prefix="SAMPLE_", flags={
-    "names": Flag(repeat=True, metavar="NAME", convert=lambda vs: tuple(v.upper() for v in vs)),
+    "names": Flag(repeat=True, metavar="NAME", convert=lambda vs: tuple(v.upper() for v in vs),
+                  unparse=list),
     "old_name_s": Flag(name="--old-name"),
 })
 
@@ -112,6 +113,17 @@ def test_options_follow_the_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                 "--old-name", "2"])
     assert s == Sample(path=Path("p"), count=7, ratio=0.5, mode="slow", color=Color.BLUE,
                        shares=(10, 100), verbose=True, eager=False, names=("A", "B"), old_name_s=2.0)
+
+
+@pytest.mark.parametrize("sample", [
+    Sample(path=Path("p")),
+    Sample(path=Path("p"), count=0, ratio=0.25, mode="slow", color=Color.BLUE, shares=(),
+           verbose=True, eager=False, names=("A", "B"), old_name_s=0.0),
+])
+def test_argv_parses_back_to_the_same_config(sample: Sample, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SAMPLE_COUNT", "SAMPLE_NO_EAGER", "SAMPLE_SHARES"):
+        monkeypatch.delenv(name, raising=False)
+    assert _parse(SAMPLE.argv(sample)) == sample
 
 
 @pytest.mark.parametrize("argv", [[], ["--path", "p", "--mode", "medium"],
