@@ -31,7 +31,7 @@ _STARTUP_TIMEOUT_S = 90.0
 
 
 class ServerDied(RuntimeError):
-    """The server process exited while a test was waiting for it."""
+    """The server process exited while its caller was waiting for it."""
 
 
 class ServerProcess:
@@ -103,6 +103,8 @@ class ServerProcess:
                              f"log {self.log_path}:\n{self.log_tail()}")
 
     def wait_ready(self, timeout: float = _STARTUP_TIMEOUT_S) -> ServerProcess:
+        """Until the port file names the port and `ready` passes: ServerDied if the process
+        exits meanwhile, TimeoutError (after a SIGKILL) past `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             self.check_alive()
