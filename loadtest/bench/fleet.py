@@ -8,11 +8,16 @@ generator, and the ranker's own histograms read from /metrics between two scrape
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
 import math
 import os
+import shutil
+import signal
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.bench.record import RESULTS, BenchRecord
+from loadtest.bench.workload import protobuf_bodies, version_dir
 from loadtest.harness.load import HttpPool, RunResult, closed_loop, open_loop
 from loadtest.harness.probes import http_ready
 from loadtest.harness.process import ServerProcess, start_all, stop_all
@@ -47,12 +54,42 @@ class Fleet:
                 **{f"ranker_{c}": s.pid for c, s in self.rankers.items()}, "bench": os.getpid()}
 
 
+def parser(prog: str, doc: str | None, result: str) -> argparse.ArgumentParser:
+    """The options every ranker benchmark has; the driver adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m loadtest.bench.{prog}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="demo_store", help="model store with ads_ctr/v1")
+    p.add_argument("--candidates", type=int, default=200, help="candidates per request")
+    p.add_argument("--budget-s", type=float, default=170.0,
+                   help="the run is cut to stay under this many seconds")
+    p.add_argument("--out", type=Path, default=RESULTS / result, help="result JSON; PNG beside")
+    return p
+
+
+def prepare(args: argparse.Namespace, name: str, configs: Sequence[str], anchor: str
+            ) -> tuple[Path, BenchRecord, list[bytes]] | None:
+    """A P2/P4 run's version dir, result record and request bodies; None (said why) without
+    a demo model. SIGTERM becomes SystemExit, so the fleet's `finally` stops the servers."""
+    vdir = version_dir(args.store)
+    if not (vdir / "eval.jsonl").is_file():
+        print(f"no demo model in {args.store!r}; build it with "
+              f"`python -m modelpack demo --store {args.store}`", file=sys.stderr)
+        return None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rec = BenchRecord(name, compared=", ".join(f"{c}: {CONFIG_LABELS[c]}" for c in configs),
+                      anchor=anchor, device="cpu", config={k: str(v) for k, v in vars(args).items()})
+    rec.results.update({"candidates_per_request": args.candidates, "body": "protobuf",
+                        "configs": {c: CONFIG_LABELS[c] for c in configs}})
+    return vdir, rec, protobuf_bodies(vdir, 256, args.candidates)
+
+
 @contextlib.contextmanager
-def fleet(store: Path, configs: Sequence[str], log_dir: Path) -> Iterator[Fleet]:
+def fleet(store: Path, configs: Sequence[str]) -> Iterator[Fleet]:
     """Two embedding shards (two more with OMP_NUM_THREADS=1 if a config wants them) and one
-    ranker per config; every process is stopped on exit."""
+    ranker per config, logging to a temp dir; every process is stopped on exit."""
     started: list[ServerProcess] = []
     omp1 = {"OMP_NUM_THREADS": "1"}
+    log_dir = Path(tempfile.mkdtemp(prefix="bench_fleet_"))
     try:
         sets = {"": None, **({"_omp1": omp1} if "remote_1thread" in configs else {})}
         shards = {f"shard{k}{suffix}": ServerProcess.module(
@@ -77,6 +114,7 @@ def fleet(store: Path, configs: Sequence[str], log_dir: Path) -> Iterator[Fleet]
         yield Fleet(shards, dict(zip(configs, rankers, strict=True)))
     finally:
         stop_all(started)
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def scrape(s: ServerProcess) -> dict[str, float]:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,19 +29,18 @@ import numpy as np
 import numpy.typing as npt
 
 from loadtest.bench.fleet import (
-    CONFIG_LABELS,
     Fleet,
     check_scores_agree,
     closed,
     fleet,
     open_,
+    parser,
+    prepare,
     scrape,
     server_side,
 )
 from loadtest.bench.pipeline_load import Recorder, loaded_version
 from loadtest.bench.plotting import Panel
-from loadtest.bench.record import RESULTS, BenchRecord
-from loadtest.bench.workload import protobuf_bodies, version_dir
 from loadtest.harness.load import percentiles, schedule
 from loadtest.harness.procfs import cpu_seconds
 from ranker_server import codec
@@ -223,10 +219,7 @@ def panels(result: dict[str, Any]) -> list[Panel]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench.hybrid_tax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="demo_store", help="model store with ads_ctr/v1")
-    p.add_argument("--candidates", type=int, default=200, help="candidates per request")
+    p = parser("hybrid_tax", __doc__, "ranker_p2.json")
     p.add_argument("--rate", type=float, default=None, help="requests/s (default: measured)")
     p.add_argument("--load-fraction", type=float, default=0.3,
                    help="rate as a fraction of the slowest config's one-at-a-time service rate")
@@ -234,50 +227,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--round-s", type=float, default=3.0, help="seconds per config per round")
     p.add_argument("--capacity-s", type=float, default=2.0, help="seconds per capacity probe")
     p.add_argument("--ab-batches", type=int, default=300, help="batches each in the in-process A/B")
-    p.add_argument("--budget-s", type=float, default=170.0,
-                   help="rounds are cut to keep the whole run under this many seconds")
-    p.add_argument("--out", type=Path, default=RESULTS / "ranker_p2.json", help="result JSON; PNG beside")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    vdir = version_dir(args.store)
-    if not (vdir / "eval.jsonl").is_file():
-        print(f"no demo model in {args.store!r}; build it with "
-              f"`python -m modelpack demo --store {args.store}`", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
     started = time.monotonic()
-    rec = BenchRecord("P2 hybrid tax", compared=", ".join(f"{c}: {CONFIG_LABELS[c]}" for c in CONFIGS),
-                      anchor="local (--local-tables): same ranker, lookups without the network hop",
-                      device="cpu", config={k: str(v) for k, v in vars(args).items()})
-    bodies = protobuf_bodies(vdir, 256, args.candidates)
+    ready = prepare(args, "P2 hybrid tax", CONFIGS,
+                    "local (--local-tables): same ranker, lookups without the network hop")
+    if ready is None:
+        return 2
+    vdir, rec, bodies = ready
     res = rec.results
-    res.update({"candidates_per_request": args.candidates, "body": "protobuf", "configs": CONFIG_LABELS})
-    log_dir = Path(tempfile.mkdtemp(prefix="bench_p2_"))
-    try:
-        with fleet(Path(args.store), CONFIGS, log_dir) as f:
-            res["startup_s"] = time.monotonic() - started
-            res["sanity"] = check_scores_agree(f, bodies[0])
-            for s in f.rankers.values():  # warm every code path (first batches are slow)
-                closed(s, bodies, 4, 1.0)
-            res["capacity"] = cap = capacity(f, bodies, args.capacity_s)
-            # The slowest config's one-at-a-time service rate bounds its capacity from below:
-            # offer a fraction of it, so latency, not queueing, is what gets compared.
-            rate = args.rate or args.load_fraction * min(v["conc1_requests_per_s"] for v in cap.values())
-            res["rate"] = {"requests_per_s": rate, "candidates_per_s": rate * args.candidates,
-                           "utilization_vs_one_at_a_time_service_rate": {
-                               c: rate / v["conc1_requests_per_s"] for c, v in cap.items()}}
-            before = {c: scrape(s) for c, s in f.rankers.items()}
-            budget = args.budget_s - (time.monotonic() - started) - 30
-            n_rounds = max(1, min(args.rounds, int(budget // (len(CONFIGS) * (args.round_s + 0.5)))))
-            res["rounds"], lat, extra = rounds(f, bodies, rate, n_rounds, args.round_s)
-            res.update(extra)
-            res["server_side"] = {c: server_side(before[c], scrape(s)) for c, s in f.rankers.items()}
-            res["in_process_pipeline_ab"] = pipeline_overlap_ab(f, vdir, bodies[0], args.ab_batches)
-    finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    with fleet(Path(args.store), CONFIGS) as f:
+        res["startup_s"] = time.monotonic() - started
+        res["sanity"] = check_scores_agree(f, bodies[0])
+        for s in f.rankers.values():  # warm every code path (first batches are slow)
+            closed(s, bodies, 4, 1.0)
+        res["capacity"] = cap = capacity(f, bodies, args.capacity_s)
+        # The slowest config's one-at-a-time service rate bounds its capacity from below:
+        # offer a fraction of it, so latency, not queueing, is what gets compared.
+        rate = args.rate or args.load_fraction * min(v["conc1_requests_per_s"] for v in cap.values())
+        res["rate"] = {"requests_per_s": rate, "candidates_per_s": rate * args.candidates,
+                       "utilization_vs_one_at_a_time_service_rate": {
+                           c: rate / v["conc1_requests_per_s"] for c, v in cap.items()}}
+        before = {c: scrape(s) for c, s in f.rankers.items()}
+        budget = args.budget_s - (time.monotonic() - started) - 30
+        n_rounds = max(1, min(args.rounds, int(budget // (len(CONFIGS) * (args.round_s + 0.5)))))
+        res["rounds"], lat, extra = rounds(f, bodies, rate, n_rounds, args.round_s)
+        res.update(extra)
+        res["server_side"] = {c: server_side(before[c], scrape(s)) for c, s in f.rankers.items()}
+        res["in_process_pipeline_ab"] = pipeline_overlap_ab(f, vdir, bodies[0], args.ab_batches)
     rec.verdict = judge(res, lat)
     res["overlap_window"] = {**stage_window_us(vdir, bodies[0]),
                              "remote_lookup_ms_mean": res["server_side"]["remote"]["lookup_ms"],

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -32,11 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from loadtest.bench.fleet import CONFIG_LABELS, PROTOBUF, Fleet, closed, fleet, scrape, server_side
+from loadtest.bench.fleet import PROTOBUF, Fleet, closed, fleet, parser, prepare, scrape, server_side
 from loadtest.bench.plotting import Panel
 from loadtest.bench.profile import profile_ranker
-from loadtest.bench.record import RESULTS, BenchRecord
-from loadtest.bench.workload import protobuf_bodies, version_dir
 from loadtest.harness.load import HttpPool, closed_loop, percentiles
 from loadtest.harness.procfs import cpu_seconds
 from modelpack.dense import load_dense
@@ -170,56 +166,41 @@ def panels(e2e: dict[str, Any]) -> list[Panel]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench.serving_tax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="demo_store", help="model store with ads_ctr/v1")
-    p.add_argument("--candidates", type=int, default=200, help="candidates per request")
+    p = parser("serving_tax", __doc__, "ranker_p4.json")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
     p.add_argument("--cycles", type=int, default=3, help="windows per config (interleaved)")
     p.add_argument("--window-s", type=float, default=3.0, help="seconds per closed-loop window")
     p.add_argument("--raw-s", type=float, default=0.7,
                    help="seconds per raw-forward measurement (per thread setting)")
-    p.add_argument("--budget-s", type=float, default=170.0,
-                   help="windows are cut to keep the whole run under this many seconds")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the py-spy profile of the remote ranker")
     p.add_argument("--profile-s", type=float, default=8.0, help="py-spy sampling seconds")
-    p.add_argument("--out", type=Path, default=RESULTS / "ranker_p4.json", help="result JSON; PNG beside")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    vdir = version_dir(args.store)
-    if not (vdir / "eval.jsonl").is_file():
-        print(f"no demo model in {args.store!r}; build it with "
-              f"`python -m modelpack demo --store {args.store}`", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
     started = time.monotonic()
-    rec = BenchRecord("P4 serving tax", compared=", ".join(f"{c}: {CONFIG_LABELS[c]}" for c in CONFIGS),
-                      anchor="raw dense forward (modelpack.dense) at the batch size the batcher formed",
-                      device="cpu", config={k: str(v) for k, v in vars(args).items()})
-    bodies = protobuf_bodies(vdir, 256, args.candidates)
+    ready = prepare(args, "P4 serving tax", CONFIGS,
+                    "raw dense forward (modelpack.dense) at the batch size the batcher formed")
+    if ready is None:
+        return 2
+    vdir, rec, bodies = ready
     windows: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
-    log_dir = Path(tempfile.mkdtemp(prefix="bench_p4_"))
-    try:
-        with fleet(Path(args.store), CONFIGS, log_dir) as f:
-            rec.results["startup_s"] = time.monotonic() - started
+    with fleet(Path(args.store), CONFIGS) as f:
+        rec.results["startup_s"] = time.monotonic() - started
+        for c in CONFIGS:
+            closed(f.rankers[c], bodies, args.concurrency, 1.5)  # warm up
+        # The shared machine drifts by multiples within a minute: every window is followed
+        # at once by the raw forward at its batch size, and the configs take turns.
+        per_cycle = len(CONFIGS) * (args.window_s + 2 * args.raw_s + 1.5)
+        left = args.budget_s - (time.monotonic() - started) - args.profile * (args.profile_s + 12)
+        rec.results["cycles"] = cycles = max(1, min(args.cycles, int(left // per_cycle)))
+        for cycle in range(cycles):
             for c in CONFIGS:
-                closed(f.rankers[c], bodies, args.concurrency, 1.5)  # warm up
-            # The shared machine drifts by multiples within a minute: every window is followed
-            # at once by the raw forward at its batch size, and the configs take turns.
-            per_cycle = len(CONFIGS) * (args.window_s + 2 * args.raw_s + 1.5)
-            left = args.budget_s - (time.monotonic() - started) - args.profile * (args.profile_s + 12)
-            rec.results["cycles"] = cycles = max(1, min(args.cycles, int(left // per_cycle)))
-            for cycle in range(cycles):
-                for c in CONFIGS:
-                    windows[c].append(window(f, c, bodies, args.candidates, args, vdir, cycle))
-            if args.profile:
-                rec.results["profile_remote_ranker"] = profile_under_load(f, bodies, args)
-    finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
+                windows[c].append(window(f, c, bodies, args.candidates, args, vdir, cycle))
+        if args.profile:
+            rec.results["profile_remote_ranker"] = profile_under_load(f, bodies, args)
     e2e = {c: summarize(windows[c], args.candidates) for c in CONFIGS}
     rec.results["end_to_end"] = e2e
     rec.verdict = {c: {"ratio_median_of_windows": e["ratio_vs_raw_dense"], "target": TARGET,
