@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from loadtest.bench import gpu
 from loadtest.bench.workload import build_requests
 from modelpack.demo import DemoSize, build_demo_store
 from modelpack.scorer import OfflineScorer
@@ -94,9 +95,9 @@ def test_p5_writes_the_shared_record(p5: dict[str, Any]) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_p5_without_cuda_skips_cleanly(store: Path) -> None:
-    proc = run_driver("gpu", "--device", "cuda", "--store", str(store))
-    assert proc.returncode == 0 and "skipped" in proc.stdout
+def test_p5_without_cuda_skips_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu.main(["--device", "cuda", "--store", str(tmp_path)]) == 0
+    assert "skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", DRIVERS)
