@@ -34,6 +34,10 @@ class ServerConfig:
     preload: tuple[tuple[str, str], ...] = ()
     """Versions (MODEL/VERSION) loaded before the server reports SERVING; repeat the flag
     for several."""
+    desired_state: Path | None = None
+    """The fleet's desired-state file (written by the deploy controller): at startup the
+    server loads every version it lists for this server's models before reporting SERVING,
+    whatever --preload says; a missing file means 'nothing desired yet'."""
     host: str = "127.0.0.1"
     """Interface to listen on; 0.0.0.0 or [::] to accept remote clients."""
     port: int = 50051
