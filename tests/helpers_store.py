@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,3 +56,20 @@ def tiny_request(n: int = 3, seed: int = 0) -> dict[str, object]:
         "candidates": [{"ad_id": int(rng.integers(1 << 40)), "ad_cat": int(i), "ad_bid": 1.0 + i}
                        for i in range(n)],
     }
+
+
+DELETE = object()
+"""As `mutated_request`'s value: remove the field instead of replacing it."""
+
+
+def mutated_request(path: list[Any], value: Any, n: int = 3) -> dict[str, Any]:
+    """tiny_request(n) with the field at `path` (keys and list indices) set to `value`."""
+    req: dict[str, Any] = copy.deepcopy(tiny_request(n))
+    target: Any = req
+    for p in path[:-1]:
+        target = target[p]
+    if value is DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return req

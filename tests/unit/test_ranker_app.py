@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from protos import ranker_pb2
 from ranker_server.codec import encode_request
 from ranker_server.config import RankerConfig
 from ranker_server.inprocess import serve_in_process
-from tests.helpers_store import TINY_SCHEMA, tiny_request, tiny_version
+from tests.helpers_store import DELETE, TINY_SCHEMA, mutated_request, tiny_request, tiny_version
 
 TOKEN = "let-me-in"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -94,15 +93,7 @@ def test_json_and_protobuf_bodies_give_the_same_scores(store: Path) -> None:
 
 
 def _bad(path: list[Any], value: Any) -> dict[str, Any]:
-    req: dict[str, Any] = copy.deepcopy(tiny_request(3))
-    target: Any = req
-    for p in path[:-1]:
-        target = target[p]
-    if value is KeyError:
-        del target[path[-1]]
-    else:
-        target[path[-1]] = value
-    return req
+    return mutated_request(path, DELETE if value is KeyError else value)
 
 
 BAD_INPUTS = [

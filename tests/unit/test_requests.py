@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from modelpack.hashing import rows_for
 from modelpack.requests import RequestError, decode_request, plan_rows
 from modelpack.schema import TableSpec
-from tests.helpers_store import TINY_SCHEMA, tiny_request
+from tests.helpers_store import DELETE, TINY_SCHEMA, mutated_request, tiny_request
 
 TABLES = {"unified": TableSpec("unified", 1000, 16, 2), "cats": TableSpec("cats", 37, 16)}
 
@@ -35,18 +34,9 @@ def test_multi_valued_longer_than_max_length_is_truncated() -> None:
 
 
 def _mutated(path: list[Any], value: Any) -> dict[str, Any]:
-    req: dict[str, Any] = copy.deepcopy(tiny_request(2))
-    target: Any = req
-    for p in path[:-1]:
-        target = target[p]
-    if value is _DELETE:
-        del target[path[-1]]
-    else:
-        target[path[-1]] = value
-    return req
+    return mutated_request(path, value, n=2)
 
 
-_DELETE = object()
 
 
 @pytest.mark.parametrize(("path", "value", "field"), [
@@ -54,7 +44,7 @@ _DELETE = object()
     (["user", "user_id"], 1.5, "user.user_id"),
     (["user", "user_id"], True, "user.user_id"),
     (["user", "user_id"], 2**64, "user.user_id"),
-    (["user", "user_id"], _DELETE, "user.user_id"),
+    (["user", "user_id"], DELETE, "user.user_id"),
     (["user", "bogus"], 1, "user.bogus"),
     (["user", "user_recent"], 5, "user.user_recent"),
     (["user", "user_recent"], [1, "x"], "user.user_recent[1]"),
