@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 import pytest
 
+from loadtest.harness.probes import http_ready
 from loadtest.harness.process import ServerProcess, start_all
 from modelpack.manifest import parse_manifest, write_manifest
 from modelpack.scorer import OfflineScorer
@@ -63,13 +64,6 @@ def eval_requests(store: Path, version: str = "v1") -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def _ready(s: ServerProcess) -> bool:
-    try:
-        return httpx.get(f"http://{s.address}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def shard(store: Path, logs: Path, name: str, k: int) -> ServerProcess:
     return ServerProcess.module(
         "embedding_server", "--store", str(store), "--shard", str(k), "--num-shards", "2",
@@ -83,7 +77,7 @@ def ranker(store: Path, logs: Path, name: str, shards: list[ServerProcess], *arg
         "ranker_server", "--store", str(store), "--model", "ads_ctr", "--version", "v1",
         "--embedding-shards", ",".join(s.address for s in shards), "--device", "cpu",
         "--admin-token-file", str(logs / "token"), *args, log_dir=logs, name=name,
-        ready=_ready if wait_ready else None)
+        ready=http_ready if wait_ready else None)
 
 
 @pytest.fixture(scope="module")
