@@ -18,7 +18,8 @@ import torch
 
 from embedding_server.errors import ServiceError
 from embedding_server.fbgemm_tbe import Pooling
-from embedding_server.table_store import LoadedVersion, ServedTable
+from embedding_server.served_table import ServedTable
+from embedding_server.table_store import LoadedVersion
 from protos import embedding_pb2 as pb
 
 # Request arrays are read-only views of the protobuf bytes, and only ever read.
@@ -91,19 +92,16 @@ def lookup_group(version: LoadedVersion, g: pb.TableLookup, shard: int, num_shar
                             f"got {_POOLING_NAMES[g.pooling]}")
     if g.offsets and not pooled:
         raise _bad(g.table, f"offsets must be empty with POOLING_NONE, got {len(g.offsets) // 8} values")
-    local = torch.from_numpy(rows - t.start if t.start else rows)
     if g.output == pb.OUTPUT_INT4_PACKED:
-        data = torch.index_select(t.weights, 0, local).numpy().tobytes()
+        data = t.gather(rows).tobytes()
         return pb.TableResult(table=g.table, dim=t.spec.dim, count=rows.size, data=data), rows.size
+    off = None  # one row per bag
     if g.offsets:
         offsets = _int64s(g.table, "offsets", g.offsets)
         _check_offsets(g.table, offsets, rows.size)
         off = torch.from_numpy(offsets)
-    else:
-        off = torch.arange(rows.size + 1, dtype=torch.int64)  # one row per bag
-    out = t.kernel.lookup(local, off, _KERNEL_POOLING[g.pooling],
-                          "fp16" if g.output == pb.OUTPUT_FP16 else "fp32")
-    return (pb.TableResult(table=g.table, dim=t.spec.dim, count=int(off.numel()) - 1,
+    out = t.lookup(rows, off, _KERNEL_POOLING[g.pooling], "fp16" if g.output == pb.OUTPUT_FP16 else "fp32")
+    return (pb.TableResult(table=g.table, dim=t.spec.dim, count=int(out.shape[0]),
                            data=out.numpy().tobytes()), rows.size)
 
 

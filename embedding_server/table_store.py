@@ -2,8 +2,9 @@
 
 A server shard k of S serves global rows [k*R/S, (k+1)*R/S) of each table (the same
 math as modelpack.hashing.shard_range). The table's files may be split differently
-(`num_shards` in the manifest); this shard's rows must lie inside one file, which is
-mapped from the page that holds its first row. Mappings are PROT_READ + MAP_SHARED:
+(`num_shards` in the manifest): each file holding some of this shard's rows is mapped
+from the page that holds the first of them, one slice per file (see served_table.py for
+how a range over several files is served). Mappings are PROT_READ + MAP_SHARED:
 the page cache is shared with every process mapping the file, nothing is copied into
 anonymous memory, and a stray write faults instead of silently forking a page.
 Nothing is ever unmapped explicitly: a mapping lives as long as a tensor references
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from embedding_server.fbgemm_tbe import Int4Kernel
+from embedding_server.served_table import Segment, ServedTable
 from modelpack.hashing import shard_range
 from modelpack.manifest import Manifest, read_manifest, verify
 from modelpack.schema import TableSpec, check_name
@@ -40,9 +42,10 @@ class StoreError(Exception):
 
 @dataclass(frozen=True)
 class TableSlice:
-    """Where this shard's rows of one table live: file, byte offset, global row range."""
+    """Where some of this shard's rows of one table live: file, byte offset, global row range."""
 
     spec: TableSpec
+    file: int  # file shard index
     path: str  # relative to the version directory
     start: int  # first global row served
     stop: int  # one past the last
@@ -70,21 +73,6 @@ class VersionPlan:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.slices)
-
-
-@dataclass
-class ServedTable:
-    """One table as this shard serves it: mapped rows plus the FBGEMM kernel over them."""
-
-    spec: TableSpec
-    start: int
-    stop: int
-    weights: torch.Tensor  # uint8 (stop - start, row_bytes), a view of the mapped file
-    kernel: Int4Kernel
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.weights.numel())
 
 
 @dataclass
@@ -125,17 +113,9 @@ def plan_version(store: Path, model: str, version: str, shard: int, num_shards: 
         start, stop = shard_range(shard, spec.rows, num_shards)
         for k in range(spec.num_shards):
             f_start, f_stop = shard_range(k, spec.rows, spec.num_shards)
-            if f_start <= start and stop <= f_stop:
-                slices.append(TableSlice(spec, spec.shard_path(k), start, stop, f_start))
-                break
-        else:
-            raise StoreError(
-                "invalid",
-                f"{model}/{version}: table {spec.name!r} is stored in {spec.num_shards} files, and "
-                f"server shard {shard} of {num_shards} (rows [{start}, {stop})) spans more than "
-                f"one of them; run {spec.num_shards} (or a multiple of {spec.num_shards}) server "
-                f"shards, or export the table with num_shards 1 or {num_shards}",
-            )
+            if max(start, f_start) < min(stop, f_stop):
+                slices.append(TableSlice(spec, k, spec.shard_path(k), max(start, f_start),
+                                         min(stop, f_stop), f_start))
     return VersionPlan(model, version, vdir, manifest, tuple(slices))
 
 
@@ -182,11 +162,13 @@ def open_version(plan: VersionPlan, *, verify_threads: int = 4) -> LoadedVersion
             if _identity(os.fstat(fd)) != _identity(os.stat(plan.directory / rel)):
                 raise StoreError("corrupt",
                                  f"{plan.model}/{plan.version}: {rel} was replaced during the load")
-        tables = {}
-        for sl in plan.slices:
+        segments: dict[str, list[Segment]] = {}
+        for sl in plan.slices:  # in table order, then file order
             w = _map_slice(fds[sl.path], sl)
-            kernel = Int4Kernel(sl.spec.name, sl.rows, sl.spec.dim, w)
-            tables[sl.spec.name] = ServedTable(sl.spec, sl.start, sl.stop, w, kernel)
+            segments.setdefault(sl.spec.name, []).append(
+                Segment(sl.file, sl.start, w, Int4Kernel(sl.spec.name, sl.rows, sl.spec.dim, w)))
+        tables = {name: ServedTable(plan.manifest.table(name), segs[0].start, segs[-1].stop,
+                                    tuple(segs)) for name, segs in segments.items()}
     finally:
         for fd in fds.values():
             os.close(fd)  # the mappings keep the files referenced

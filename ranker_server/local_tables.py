@@ -2,25 +2,24 @@
 
 Used for the hybrid-tax comparison (same pipeline, lookups without the network hop) and
 by users whose tables fit one machine. The tables are opened with the embedding
-server's own table store (checksum-verified, read-only memory maps, torch row gathers),
-imported lazily so a ranker image without FBGEMM still starts; there modelpack's
-TableReader (numpy over the same memory-mapped files) takes its place.
+server's own table store as its one server shard over every file (checksum-verified,
+read-only memory maps, torch row gathers), imported lazily so a ranker image without
+FBGEMM still starts; there modelpack's TableReader (numpy over the same memory-mapped
+files) takes its place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-from modelpack.lookup import Packed, TableQuery, gather_rows
+from modelpack.lookup import Packed, TableQuery
 from modelpack.manifest import Manifest, verify
 from ranker_server.sources import PrepareError
 from ranker_server.versions import LoadedVersion
@@ -30,18 +29,6 @@ log = logging.getLogger(__name__)
 
 class _Gather(Protocol):
     def gather(self, rows: npt.NDArray[np.int64]) -> Packed: ...
-
-
-class _ServedGather:
-    """Rows of one table over the embedding server's mapped slices (one per row range)."""
-
-    def __init__(self, rows: int, slices: list[torch.Tensor]) -> None:
-        self.rows = rows
-        self.slices = slices
-
-    def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
-        return gather_rows(rows, self.rows, len(self.slices), self.slices[0].shape[1],
-                           lambda k, local: self.slices[k].index_select(0, torch.from_numpy(local)).numpy())
 
 
 def open_tables(store: Path, manifest: Manifest) -> dict[str, _Gather]:
@@ -55,17 +42,15 @@ def open_tables(store: Path, manifest: Manifest) -> dict[str, _Gather]:
         vdir = store / manifest.model / manifest.version
         verify(vdir, only={t.shard_path(k) for t in manifest.tables for k in range(t.num_shards)})
         return {t.name: TableReader(vdir, t) for t in manifest.tables}
-    # One "server shard" per file shard (their lcm) so each slice lies inside one file.
-    parts = math.lcm(*(t.num_shards for t in manifest.tables))
+    # The whole version as one server shard: it maps every file of every table.
     try:
-        loaded = [table_store.open_version(table_store.plan_version(
-            store, manifest.model, manifest.version, k, parts)) for k in range(parts)]
+        loaded = table_store.open_version(
+            table_store.plan_version(store, manifest.model, manifest.version, 0, 1))
     except table_store.StoreError as e:
         raise ValueError(str(e)) from None
-    if any(lv.fingerprint != manifest.fingerprint for lv in loaded):
+    if loaded.fingerprint != manifest.fingerprint:
         raise ValueError(f"{manifest.model}/{manifest.version}: tables changed while loading")
-    return {t.name: _ServedGather(t.rows, [lv.tables[t.name].weights for lv in loaded])
-            for t in manifest.tables}
+    return dict(loaded.tables)
 
 
 class LocalTables:

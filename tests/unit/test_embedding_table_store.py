@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -9,10 +10,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from embedding_server.errors import ServiceError
 from embedding_server.table_store import StoreError, open_version, plan_version
 from embedding_server.versions import VersionRegistry
+from modelpack.int4 import dequantize_rows
 from tests.helpers_store import tiny_version
 
 
@@ -44,17 +47,63 @@ def test_plan_slices_follow_the_shard_math(store: Path) -> None:
     assert plan.nbytes == 500 * 12 + 19 * 12
 
 
+def _file_rows(store: Path, version: str, table: str, files: int, rows: np.ndarray) -> np.ndarray:
+    """Packed rows of global row ids, read with numpy from the files (not the server's code)."""
+    tables = store / "tiny" / version / "tables" / table
+    data = np.concatenate([np.fromfile(tables / f"shard-{k}-of-{files}.bin", np.uint8).reshape(-1, 12)
+                           for k in range(files)])
+    out: np.ndarray = data[rows]
+    return out
+
+
 def test_open_maps_the_files_read_only_without_copying(store: Path) -> None:
     v = open_version(plan_version(store, "tiny", "v1", 1, 2))
     for name, file in (("unified", "unified/shard-1-of-2.bin"), ("cats", "cats/shard-0-of-1.bin")):
         t = v.tables[name]
-        line = _mapping_of(t.weights.data_ptr())
+        (seg,) = t.segments
+        line = _mapping_of(seg.weights.data_ptr())
         assert line.endswith(file) and line.split()[1].startswith("r--s"), line
-        assert t.kernel.weights.data_ptr() == t.weights.data_ptr()
+        assert seg.kernel.weights.data_ptr() == seg.weights.data_ptr()
         raw = np.fromfile(store / "tiny" / "v1" / "tables" / file, np.uint8).reshape(-1, 12)
         first = t.start - (0 if name == "cats" else 500)
-        assert np.array_equal(t.weights.numpy(), raw[first:first + t.stop - t.start])
+        assert np.array_equal(seg.weights.numpy(), raw[first:first + t.stop - t.start])
     assert v.nbytes == 500 * 12 + 19 * 12
+
+
+@pytest.mark.parametrize(("shard", "num_shards", "files"), [(0, 1, [0, 1, 2, 3]), (0, 3, [0, 1]),
+                                                            (1, 3, [1, 2]), (2, 3, [2, 3])])
+def test_a_shard_spanning_files_maps_each_part_in_place(store: Path, shard: int, num_shards: int,
+                                                         files: list[int]) -> None:
+    """v4 stores "unified" in 4 files of 250 rows: 1 or 3 servers need no re-export."""
+    plan = plan_version(store, "tiny", "v4", shard, num_shards)
+    lo, hi = shard * 1000 // num_shards, (shard + 1) * 1000 // num_shards
+    assert plan.nbytes == (hi - lo) * 12 + ((shard + 1) * 37 // num_shards - shard * 37 // num_shards) * 12
+    t = open_version(plan).tables["unified"]
+    assert (t.start, t.stop) == (lo, hi) and [s.file for s in t.segments] == files
+    assert t.nbytes == (hi - lo) * 12
+    for s in t.segments:
+        line = _mapping_of(s.weights.data_ptr())
+        assert line.endswith(f"unified/shard-{s.file}-of-4.bin") and line.split()[1].startswith("r--s"), line
+        assert s.kernel.weights.data_ptr() == s.weights.data_ptr()
+    rows = np.concatenate([np.arange(lo, hi), np.random.default_rng(shard).integers(lo, hi, 500)])
+    want = _file_rows(store, "v4", "unified", 4, rows)
+    assert np.array_equal(t.gather(rows), want)
+    vals = dequantize_rows(want, 16).astype(np.float64)
+    got = t.lookup(rows, None, "sum", "fp32").double().numpy()
+    assert np.allclose(got, vals, rtol=1e-6, atol=1e-5)
+    # Bags over every segment, empty ones included, pooled by the server: sum and mean.
+    lengths = np.array([0, 7, 1, 0, rows.size - 9, 1, 0])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for pooling in ("sum", "mean"):
+        for output in ("fp16", "fp32"):
+            got = t.lookup(rows, torch.from_numpy(offsets), pooling, output).double().numpy()
+            want_p = np.stack([vals[a:b].sum(0) if b > a else np.zeros(16)
+                               for a, b in itertools.pairwise(offsets)])
+            if pooling == "mean":
+                want_p /= np.maximum(lengths, 1)[:, None]
+            rel = 2.0**-10 if output == "fp16" else 1e-6
+            assert np.all(np.abs(got - want_p) <= np.abs(want_p) * rel + 1e-5), (pooling, output)
+            assert not got[lengths == 0].any()
 
 
 def test_refusals_name_the_problem(store: Path) -> None:
@@ -62,8 +111,8 @@ def test_refusals_name_the_problem(store: Path) -> None:
         plan_version(store, "tiny", "v9", 0, 2)
     with pytest.raises(StoreError, match="invalid version name"):
         plan_version(store, "tiny", "..", 0, 2)
-    with pytest.raises(StoreError, match=r"stored in 4 files.*spans more than one"):
-        plan_version(store, "tiny", "v4", 0, 3)
+    with pytest.raises(StoreError, match="'cats' has 37 rows, fewer than the 38 server shards"):
+        plan_version(store, "tiny", "v4", 0, 38)
     assert len(plan_version(store, "tiny", "v4", 3, 8).slices) == 2  # 8 servers over 4 files is fine
 
 
@@ -76,6 +125,8 @@ def test_corrupt_byte_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"shard-0-of-2.bin sha256 .* \(corrupt\)"):
         open_version(plan_version(tmp_path, "tiny", "v1", 0, 2))
     open_version(plan_version(tmp_path, "tiny", "v1", 1, 2))  # shard 1 only checks its own file
+    with pytest.raises(StoreError, match="corrupt"):  # one server over both files checks both
+        open_version(plan_version(tmp_path, "tiny", "v1", 0, 1))
 
 
 def test_registry_budget_states_and_fingerprints(store: Path) -> None:
@@ -108,7 +159,7 @@ def test_unload_waits_for_in_flight_lookups(store: Path) -> None:
         with reg.acquire("tiny", "v1", "") as v:
             entered.set()
             release.wait(5)
-            assert v.tables["unified"].weights.sum() >= 0  # mapping still alive
+            assert v.tables["unified"].segments[0].weights.sum() >= 0  # mapping still alive
 
     t = threading.Thread(target=lookup)
     t.start()
@@ -133,4 +184,4 @@ def test_unload_drain_timeout_leaves_lookup_safe(store: Path) -> None:
     with reg.acquire("tiny", "v2", "") as v:
         info = reg.unload("tiny", "v2", 0.05)
         assert info.in_flight == 1 and reg.snapshot() == []
-        assert int(v.tables["cats"].weights.sum()) > 0
+        assert int(v.tables["cats"].segments[0].weights.sum()) > 0

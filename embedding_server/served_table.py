@@ -1,0 +1,118 @@
+"""One table as a server shard serves it: its row range, one mapped segment per file it spans.
+
+A shard's rows [start, stop) need not lie inside one file: any number of server shards
+can serve any export (its `num_shards` files), so resharding needs no re-export. Each
+file part of the range is a segment: a read-only view of the mapped file with its own
+one-table FBGEMM kernel. One TBE with several tables would need all of them in one
+weights buffer (a table is an offset into `weights_host`), i.e. a copy of the files.
+
+Rows are routed to segments by file with modelpack.lookup's split_rows / gather_rows.
+A bag whose rows lie in several segments is pooled per segment as FP32 sums and combined
+here, the mean dividing at the end, as embedding_server.client combines shards. A range
+inside one file (the usual case) takes the single-kernel path with no routing at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from embedding_server.fbgemm_tbe import Int4Kernel, Output, Pooling
+from modelpack.hashing import shard_bounds
+from modelpack.lookup import Packed, gather_rows, split_rows
+from modelpack.schema import TableSpec
+
+_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of a shard's range that lies in file `file` of the table."""
+
+    file: int  # file shard index (spec.shard_path(file))
+    start: int  # global row of weights[0]
+    weights: torch.Tensor  # uint8 (rows, row_bytes), a view of the mapped file
+    kernel: Int4Kernel  # reads `weights`, no copy
+
+    @property
+    def stop(self) -> int:
+        return self.start + int(self.weights.shape[0])
+
+
+@dataclass
+class ServedTable:
+    """A table's rows [start, stop) on this shard: contiguous segments in file order."""
+
+    spec: TableSpec
+    start: int
+    stop: int
+    segments: tuple[Segment, ...]
+    _by_file: dict[int, Segment] = field(init=False, repr=False)
+    _file_start: npt.NDArray[np.int64] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        edges = [self.start, *(s.stop for s in self.segments)]
+        if [s.start for s in self.segments] != edges[:-1] or edges[-1] != self.stop:
+            spans = [(s.start, s.stop) for s in self.segments]
+            raise ValueError(f"table {self.spec.name!r}: segments {spans} do not tile rows "
+                             f"[{self.start}, {self.stop})")
+        self._by_file = {s.file: s for s in self.segments}
+        self._file_start = shard_bounds(self.spec.rows, self.spec.num_shards)
+
+    @property
+    def nbytes(self) -> int:
+        """Mapped table bytes (what the memory budget counts)."""
+        return sum(int(s.weights.numel()) for s in self.segments)
+
+    def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
+        """Packed INT4 rows of global row ids, all within [start, stop) (not checked here)."""
+        if len(self.segments) == 1:
+            s = self.segments[0]
+            local = torch.from_numpy(rows - s.start if s.start else rows)
+            out: Packed = torch.index_select(s.weights, 0, local).numpy()
+            return out
+        def take(k: int, file_rows: npt.NDArray[np.int64]) -> Packed:
+            seg = self._by_file[k]  # file_rows are local to file k, whose row 0 is global _file_start[k]
+            local = torch.from_numpy(file_rows + (int(self._file_start[k]) - seg.start))
+            taken: Packed = seg.weights.index_select(0, local).numpy()
+            return taken
+
+        return gather_rows(rows, self.spec.rows, self.spec.num_shards, self.spec.row_bytes, take)
+
+    def lookup(self, rows: npt.NDArray[np.int64], offsets: torch.Tensor | None, pooling: Pooling,
+               output: Output) -> torch.Tensor:
+        """Dequantized rows (offsets None: one row per bag) or pooled bags, (bags, dim).
+
+        rows: global row ids within [start, stop); offsets: int64 (bags + 1), validated.
+        """
+        if len(self.segments) == 1:
+            s = self.segments[0]
+            off = torch.arange(rows.size + 1, dtype=torch.int64) if offsets is None else offsets
+            return s.kernel.lookup(torch.from_numpy(rows - s.start if s.start else rows), off,
+                                   pooling, output)
+        parts = split_rows(rows, self._file_start)
+        if offsets is None:
+            out = torch.empty((rows.size, self.spec.dim), dtype=_DTYPES[output])
+            for k, pos in enumerate(parts):
+                if pos.size:
+                    one_each = torch.arange(pos.size + 1, dtype=torch.int64)
+                    seg = self._by_file[k]
+                    out[torch.from_numpy(pos)] = seg.kernel.lookup(
+                        torch.from_numpy(rows[pos] - seg.start), one_each, "sum", output)
+            return out
+        bags = int(offsets.numel()) - 1
+        bag = np.searchsorted(offsets.numpy(), np.arange(rows.size), side="right") - 1
+        total = torch.zeros((bags, self.spec.dim), dtype=torch.float32)
+        for k, pos in enumerate(parts):
+            if pos.size:
+                seg_offsets = np.zeros(bags + 1, dtype=np.int64)
+                np.cumsum(np.bincount(bag[pos], minlength=bags), out=seg_offsets[1:])
+                seg = self._by_file[k]
+                total += seg.kernel.lookup(torch.from_numpy(rows[pos] - seg.start),
+                                           torch.from_numpy(seg_offsets), "sum", "fp32")
+        if pooling == "mean":
+            total /= torch.diff(offsets).clamp(min=1).unsqueeze(1).to(torch.float32)
+        return total.to(_DTYPES[output])
