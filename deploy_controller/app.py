@@ -6,27 +6,41 @@
     POST /v1/rollouts/{id}/abort       {reason?}
     POST /v1/models/{model}/rollback   {reason?, bake_s?}
     GET  /v1/history?model=&limit=
-    GET  /healthz, GET /metrics
+    GET  /healthz (alive), GET /readyz (journal open, discovery working), GET /metrics
+
+Bodies are read by the handlers themselves, after the token was checked (FastAPI reads a
+declared body parameter before it runs any dependency): at most MAX_BODY_BYTES, JSON
+only, strictly parsed (modelpack.httpbody), then validated by the pydantic model. Every
+refusal is a 4xx naming the problem; no error answer echoes the raw input.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deploy_controller.config import ControllerConfig
 from deploy_controller.controller import Controller, ControllerError
-from deploy_controller.discovery import Discovery, LocalDiscovery
+from deploy_controller.discovery import Discovery, DiscoveryError, LocalDiscovery
 from deploy_controller.fleet import Fleet, RemoteFleet
 from deploy_controller.journal import Journal, Rollout
 from deploy_controller.metrics import ControllerMetrics
+from modelpack.httpbody import BodyError, json_content_type, read_capped, strict_json
+
+MAX_BODY_BYTES = 64 << 10  # the API's bodies are a few hundred bytes
+DISCOVERY_CACHE_S = 1.0  # /readyz lists the fleet at most this often
+DISCOVERY_TIMEOUT_S = 5.0
 
 
 class RolloutBody(BaseModel):
@@ -35,7 +49,7 @@ class RolloutBody(BaseModel):
     version: str = Field(description="version to roll out (STORE/<model>/<version>/)")
     canary: list[int] | None = Field(default=None, description="traffic shares in percent, "
                                      "increasing, ending at 100")
-    bake_s: float | None = Field(default=None, ge=0, le=86400,
+    bake_s: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False,
                                  description="seconds to watch each canary step")
 
 
@@ -45,7 +59,77 @@ class AbortBody(BaseModel):
 
 
 class RollbackBody(AbortBody):
-    bake_s: float | None = Field(default=None, ge=0, le=86400)
+    bake_s: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _documented(model: type[BaseModel], required: bool) -> dict[str, Any]:
+    """The OpenAPI requestBody of a handler that reads its body itself (clients, fuzz tests)."""
+    return {"requestBody": {"required": required, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
+
+
+async def _read_body(request: Request, model: type[Body], required: bool) -> Body | None:
+    """The body as `model` (None if empty and optional): 413, 415, 400 or 422 otherwise."""
+    try:
+        raw = await read_capped(request.headers.get("content-length"), request.stream(),
+                                MAX_BODY_BYTES)
+        if not raw.strip():
+            if required:
+                raise ControllerError(422, "body: required (a JSON object)")
+            return None
+        json_content_type(request.headers.get("content-type"))
+        obj = strict_json(raw)
+    except BodyError as e:
+        raise ControllerError(e.status, e.message) from None
+    if not isinstance(obj, dict):
+        raise ControllerError(422, f"body: must be a JSON object, got {type(obj).__name__}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_context=False,
+                                              include_input=False)) from None
+
+
+def _validation_errors(e: RequestValidationError) -> list[dict[str, Any]]:
+    """Location, message and type of each error: never the input, which may be raw bytes
+    (FastAPI's default handler failed to encode those and answered 500)."""
+    return [{"loc": [str(x) if not isinstance(x, int) else x for x in err.get("loc", ())],
+             "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+            for err in e.errors()]
+
+
+class Readiness:
+    """/readyz's verdict: the journal answers a query (every time: it is cheap) and
+    discovery lists the fleet (at most once per DISCOVERY_CACHE_S: it may be a k8s call)."""
+
+    def __init__(self) -> None:
+        self._checked_at = -DISCOVERY_CACHE_S
+        self._discovery: str | None = None
+
+    async def reason(self, c: Controller) -> str | None:
+        """Why the controller is not ready, or None."""
+        try:
+            c.journal.history(limit=1)
+        except sqlite3.Error as e:
+            return f"journal {c.journal.path}: {e}"
+        now = time.monotonic()
+        if now - self._checked_at >= DISCOVERY_CACHE_S:
+            self._discovery = await self._discover(c.fleet)
+            self._checked_at = now
+        return self._discovery
+
+    @staticmethod
+    async def _discover(fleet: Fleet) -> str | None:
+        try:
+            await asyncio.wait_for(fleet.topology(), DISCOVERY_TIMEOUT_S)
+        except DiscoveryError as e:
+            return f"discovery: {e}"
+        except TimeoutError:
+            return f"discovery: no fleet listing within {DISCOVERY_TIMEOUT_S:.0f} s"
+        return None
 
 
 def _controller(request: Request) -> Controller:
@@ -112,8 +196,15 @@ def build_app(cfg: ControllerConfig, *, fleet: Fleet | None = None) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
 
-    @app.post("/v1/rollouts", status_code=202, dependencies=auth)
-    async def create(body: RolloutBody, c: Ctl) -> dict[str, Any]:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_errors(e)}, status_code=422)
+
+    @app.post("/v1/rollouts", status_code=202, dependencies=auth,
+              openapi_extra=_documented(RolloutBody, required=True))
+    async def create(request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, RolloutBody, required=True)
+        assert body is not None
         return _public(await c.create(body.model, body.version, body.canary, body.bake_s))
 
     @app.get("/v1/rollouts")
@@ -125,13 +216,16 @@ def build_app(cfg: ControllerConfig, *, fleet: Fleet | None = None) -> FastAPI:
     async def get(rollout_id: str, c: Ctl) -> dict[str, Any]:
         return _public(c.get(rollout_id))
 
-    @app.post("/v1/rollouts/{rollout_id}/abort", status_code=202, dependencies=auth)
-    async def abort(rollout_id: str, c: Ctl, body: AbortBody | None = None) -> dict[str, Any]:
+    @app.post("/v1/rollouts/{rollout_id}/abort", status_code=202, dependencies=auth,
+              openapi_extra=_documented(AbortBody, required=False))
+    async def abort(rollout_id: str, request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, AbortBody, required=False)
         return _public(c.abort(rollout_id, body.reason if body else ""))
 
-    @app.post("/v1/models/{model}/rollback", status_code=202, dependencies=auth)
-    async def rollback(model: str, c: Ctl, body: RollbackBody | None = None) -> dict[str, Any]:
-        body = body or RollbackBody()
+    @app.post("/v1/models/{model}/rollback", status_code=202, dependencies=auth,
+              openapi_extra=_documented(RollbackBody, required=False))
+    async def rollback(model: str, request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, RollbackBody, required=False) or RollbackBody()
         return _public(await c.rollback(model, body.reason, body.bake_s))
 
     @app.get("/v1/history")
@@ -142,6 +236,16 @@ def build_app(cfg: ControllerConfig, *, fleet: Fleet | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz(c: Ctl) -> dict[str, Any]:
         return {"status": "ok", "running": c.running()}
+
+    readiness = Readiness()
+
+    @app.get("/readyz")
+    async def readyz(c: Ctl) -> JSONResponse:
+        """200 when the journal is open and discovery lists the fleet; 503 with the reason."""
+        reason = await readiness.reason(c)
+        if reason is not None:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
     async def metrics(c: Ctl) -> PlainTextResponse:
