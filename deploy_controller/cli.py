@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -48,11 +49,23 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _canary(s: str) -> list[int]:
+    # Every item must be a number: "10,,100" is a typo to refuse, not 10,100 to roll out.
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        return [int(x) for x in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--canary wants percentages like 5,25,100, got {s!r}") from None
+
+
+def _seconds(s: str) -> float:
+    """A duration in seconds: a finite number >= 0 (argparse turns the refusal into exit 2)."""
+    try:
+        x = float(s)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"wants a number of seconds >= 0, got {s!r}")
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model")
     r.add_argument("version")
     r.add_argument("--canary", type=_canary, help="traffic shares in percent (default 5,25,100)")
-    r.add_argument("--bake", type=float, metavar="SECONDS", help="watch time per canary step")
+    r.add_argument("--bake", type=_seconds, metavar="SECONDS",
+                   help="watch time per canary step")
     r.add_argument("--no-wait", action="store_true", help="start it and return")
     r.add_argument("--poll", type=float, default=1.0, help="seconds between progress polls")
     s = sp.add_parser("status", parents=[sub_common], help="a rollout, or what is running")
@@ -77,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="abort MODEL's rollout, or roll it back to the previous version")
     b.add_argument("model")
     b.add_argument("--reason", default="")
-    b.add_argument("--bake", type=float, metavar="SECONDS")
+    b.add_argument("--bake", type=_seconds, metavar="SECONDS")
     b.add_argument("--no-wait", action="store_true")
     b.add_argument("--poll", type=float, default=1.0)
     h = sp.add_parser("history", parents=[sub_common], help="past rollouts, newest first")
@@ -145,6 +159,30 @@ def render(r: dict[str, Any]) -> list[str]:
                      f"{n['errors']:g} errors, p99 {p99} (old {op99}), "
                      f"mismatches {gate.get('mismatch', 0):g}")
         lines.extend(f"    {f}" for f in gate.get("failures", []))
+    return lines
+
+
+def render_convergence(r: dict[str, Any]) -> list[str]:
+    """The model's desired state and the controller's last reconcile pass."""
+    lines = []
+    want = r.get("desired")
+    if want:
+        split = " ".join(f"{v}={_pct(s)}" for v, s in sorted(want["split"].items()))
+        lines.append(f"  desired: active {want['active']}, every server holds "
+                     f"{','.join(want['versions'])}, traffic {split} (seq {want['seq']})")
+    if r.get("desired_error"):
+        lines.append(f"  desired state NOT WRITTEN: {r['desired_error']}")
+    rec = r.get("reconcile")
+    if rec:
+        when = time.strftime("%H:%M:%S", time.localtime(rec["at"]))
+        state = ("converged" if not rec["drift"] and not rec["errors"] else
+                 f"drift {len(rec['drift'])}, repairs {len(rec['repairs'])}, "
+                 f"errors {len(rec['errors'])}")
+        lines.append(f"  reconcile (every {rec['interval_s']:g} s, last at {when}): {state}"
+                     + (f", skipped {', '.join(rec['skipped'])} (a step was acting)"
+                        if rec["skipped"] else ""))
+        lines.extend(f"    {kind}: {x}" for kind in ("drift", "repairs", "errors")
+                     for x in rec[kind])
     return lines
 
 
@@ -221,11 +259,14 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         elif listing["active"]:
             for r in listing["active"]:
                 show(r)
+                print("\n".join(render_convergence(r)), file=out)
         else:
             print("no active rollout" + (f" of {args.target}" if args.target else ""), file=out)
             if listing["recent"]:
                 print("latest:", file=out)
-                show(listing["recent"][0])
+                latest = api.call("GET", f"/v1/rollouts/{listing['recent'][0]['id']}")
+                show(latest)
+                print("\n".join(render_convergence(latest)), file=out)
         return EXIT_OK
     # history
     params = {"limit": args.limit} | ({"model": args.model} if args.model else {})

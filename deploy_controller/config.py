@@ -27,6 +27,12 @@ class ControllerConfig:
     """Once the API listens, write its bound port here (first line), atomically."""
     journal: Path = Path("deploy-journal.sqlite")
     """SQLite journal file; created if missing. Keep it on durable storage."""
+    desired_state: Path | None = None
+    """Desired-state file the controller keeps in step with the journal and the servers
+    read at startup (their --desired-state); default desired-state.json beside the journal."""
+    reconcile_interval_s: float = 5.0
+    """Seconds between reconcile passes that repair servers drifted from the desired state
+    (a restarted shard or ranker missing a version); 0 turns reconciling off."""
     admin_token_file: Path | None = None
     """File holding the bearer token that every mutating API call must present."""
     fleet_token_file: Path | None = None
@@ -103,7 +109,8 @@ class ControllerConfig:
             "default_bake_s": self.default_bake_s, "ranker_unload_timeout_s": self.ranker_unload_timeout_s,
             "shard_drain_timeout_s": self.shard_drain_timeout_s,
             "max_unsupervised_s": self.max_unsupervised_s, "retry_backoff_s": self.retry_backoff_s,
-            "k8s_num_shards": self.k8s_num_shards})
+            "k8s_num_shards": self.k8s_num_shards,
+            "reconcile_interval_s": self.reconcile_interval_s})
         require_at_least(ConfigError, 0, {
             "gate_interval_s": self.gate_interval_s, "http_timeout_s": self.http_timeout_s,
             "grpc_timeout_s": self.grpc_timeout_s}, strictly=True)
@@ -113,6 +120,9 @@ class ControllerConfig:
         if self.crash_at and not self.crash_at.endswith((":begin", ":end")):
             raise ConfigError(f"crash_at must be STEP:begin or STEP:end, got {self.crash_at!r}")
         return self
+
+    def desired_state_path(self) -> Path:
+        return self.desired_state or self.journal.with_name("desired-state.json")
 
     def read_token(self, fleet: bool = False) -> str:
         path = self.fleet_token_file if fleet and self.fleet_token_file else self.admin_token_file

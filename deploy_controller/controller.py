@@ -17,10 +17,12 @@ from typing import Any
 
 from deploy_controller import steps
 from deploy_controller.config import ControllerConfig
+from deploy_controller.desired import DesiredPublisher
 from deploy_controller.executor import Executor
 from deploy_controller.fleet import Fleet
 from deploy_controller.journal import ActiveRolloutError, Journal, Rollout
 from deploy_controller.metrics import ControllerMetrics
+from deploy_controller.reconcile import Reconciler
 from deploy_controller.recovery import recover
 from deploy_controller.state import Phase, Status, abortable, validate_canary
 from deploy_controller.steps import Ctx, StepFailed
@@ -46,18 +48,27 @@ class Controller:
         self.journal = journal
         self.fleet = fleet
         self.metrics = metrics or ControllerMetrics()
-        self.executor = executor or Executor(journal, fleet, cfg, self.metrics)
+        self.publisher = DesiredPublisher(journal, cfg.desired_state_path(), cfg.store)
+        self.executor = executor or Executor(journal, fleet, cfg, self.metrics,
+                                             publisher=self.publisher)
+        self.reconciler = Reconciler(fleet, lambda: self.publisher.models, self.executor.lock,
+                                     self.metrics, cfg.reconcile_interval_s)
         self._tasks: dict[str, asyncio.Task[Rollout]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Recover whatever a previous process left running, and run it on."""
-        for rid, _ in recover(self.journal, time.time(), self.cfg.max_unsupervised_s,
-                              self.metrics):
+        """Recover whatever a previous process left running, run it on, publish the
+        desired state the journal implies and start reconciling the fleet to it."""
+        resumed = recover(self.journal, time.time(), self.cfg.max_unsupervised_s,
+                          self.metrics)
+        self.publisher.publish()
+        for rid, _ in resumed:
             self._spawn(rid)
+        self.reconciler.start()
 
     async def stop(self) -> None:
+        await self.reconciler.stop()
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
@@ -151,7 +162,14 @@ class Controller:
         r = self.journal.get(rollout_id)
         if r is None:
             raise ControllerError(404, f"no rollout {rollout_id}")
-        return {**r.to_json(), **self.executor.progress(rollout_id)}
+        return {**r.to_json(), **self.executor.progress(rollout_id),
+                **self.convergence(r.model)}
+
+    def convergence(self, model: str) -> dict[str, Any]:
+        """The model's desired state and the last reconcile pass (for `deployctl status`)."""
+        want = self.publisher.models.get(model)
+        return {"desired": want.to_json() if want is not None else None,
+                "desired_error": self.publisher.error, "reconcile": self.reconciler.view()}
 
     def abort(self, rollout_id: str, reason: str = "") -> Rollout:
         r = self.journal.get(rollout_id, events=False)

@@ -22,6 +22,7 @@ from typing import Any
 
 from deploy_controller import steps
 from deploy_controller.config import ControllerConfig
+from deploy_controller.desired import DesiredPublisher
 from deploy_controller.fleet import Fleet
 from deploy_controller.gates import (
     GateFailure,
@@ -68,13 +69,20 @@ class _Run:
 class Executor:
     def __init__(self, journal: Journal, fleet: Fleet, cfg: ControllerConfig,
                  metrics: ControllerMetrics | None = None,
-                 crash: Callable[[str], None] = _sigkill) -> None:
+                 crash: Callable[[str], None] = _sigkill,
+                 publisher: DesiredPublisher | None = None) -> None:
         self.journal = journal
         self.fleet = fleet
         self.cfg = cfg
         self.metrics = metrics or ControllerMetrics()
+        self.publisher = publisher
         self._crash = crash
         self._runs: dict[str, _Run] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, model: str) -> asyncio.Lock:
+        """Held while a step acts on the model's servers (reconcile.py waits for it)."""
+        return self._locks.setdefault(model, asyncio.Lock())
 
     def progress(self, rollout_id: str) -> dict[str, Any]:
         """Live view of a running rollout: servers' states and the last gate evaluation."""
@@ -101,7 +109,13 @@ class Executor:
         try:
             while not r.step.terminal:
                 self.metrics.set_phase(r.model, r.step.phase)
-                await self._step(run, r)
+                if r.step.kind is Kind.BAKE:  # watches only: reconciling may repair meanwhile
+                    await self._step(run, r)
+                else:
+                    async with self.lock(r.model):
+                        await self._step(run, r)
+                if self.publisher is not None:
+                    self.publisher.publish()
                 got = self.journal.get(rollout_id)
                 assert got is not None
                 r = got

@@ -31,5 +31,19 @@ class ControllerMetrics:
             "deploy_recoveries", "Interrupted rollouts found at startup, by decision",
             ["decision"], registry=self.registry)
 
+        self.reconcile_repairs = Counter(
+            "deploy_controller_reconcile_repairs", "Servers repaired toward the desired state, "
+            "by kind (shard_load, ranker_load, ranker_prepare, ranker_split)", ["kind"],
+            registry=self.registry)
+        self.reconcile_errors = Counter(
+            "deploy_controller_reconcile_errors", "Reconcile calls that failed (server "
+            "unreachable, load refused)", registry=self.registry)
+        self.reconcile_passes = Counter(
+            "deploy_controller_reconcile_passes", "Reconcile passes, by result (ok, drift, "
+            "error)", ["result"], registry=self.registry)
+        self.reconcile_last = Gauge(
+            "deploy_controller_reconcile_last_timestamp_seconds",
+            "Unix time of the last reconcile pass", registry=self.registry)
+
     def set_phase(self, model: str, phase: Phase | None) -> None:
         self.phase.labels(model).set(0 if phase is None or phase is Phase.DONE else int(phase))

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from embedding_server.auth import AdminAuth
 from embedding_server.config import ServerConfig
+from embedding_server.desired import read_desired, startup_versions
 from embedding_server.errors import ServiceError
 from embedding_server.metrics import Metrics, serve_metrics
 from embedding_server.peers import Peers
@@ -94,15 +95,26 @@ def serve(cfg: ServerConfig) -> int:
         metrics_port = serve_metrics(cfg.host, cfg.metrics_port, metrics.registry)
         log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_port)
 
-    for model, version in cfg.preload:
+    # Before SERVING: what the fleet serves (the desired state), else --preload.
+    wanted = read_desired(cfg.desired_state)
+    for model, version, fingerprint in startup_versions(cfg.store, cfg.preload, wanted):
         if stop.is_set():
             break
         try:
             entry = versions.load(model, version)
         except ServiceError as err:
-            log.error("preload of %s/%s failed: %s", model, version, err.message)
-            server.stop(0).wait()
-            return 2
+            if model not in wanted:
+                log.error("preload of %s/%s failed: %s", model, version, err.message)
+                server.stop(0).wait()
+                return 2
+            # Serve what can be served; ListVersions shows it FAILED, the rankers' prepare
+            # refuses it and the controller's reconcile loop retries.
+            log.error("desired version %s/%s failed to load: %s", model, version, err.message)
+            continue
+        if fingerprint and entry.fingerprint != fingerprint:
+            log.error("desired version %s/%s has fingerprint %s in this store, the desired "
+                      "state says %s: rankers will refuse it", model, version,
+                      entry.fingerprint, fingerprint)
         metrics.set_loaded(entry.model, entry.version, entry.nbytes)
 
     if not stop.is_set():

@@ -142,15 +142,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Ready: an active, prepared version and every embedding shard answering."""
+    """Ready: every shard replica can serve every version with traffic (the prepare
+    handshake's checks, cached a second), not merely an answering shard."""
     st: RankerState = request.state.ranker
-    reason: str | None = None
-    if st.draining:
-        reason = "draining: shutting down"
-    elif st.registry.active is None:
-        reason = st.lifecycle.startup_error or "no active version"
-    else:
-        reason = await st.source.unreachable()
+    reason = "draining: shutting down" if st.draining else await st.lifecycle.unservable()
     if reason is not None:
         return Response(json.dumps({"status": "not ready", "reason": reason}), status_code=503,
                         media_type="application/json")

@@ -84,13 +84,12 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
             state = RankerState(config, metrics, registry, lifecycle, source, batcher, device,
                                 config.admin_token())
             try:
-                await lifecycle.load(config.version)
+                plan = await lifecycle.load_startup()
             except AdminError as e:
-                log.error("cannot start: version %s/%s: %s", config.model, config.version,
-                          e.message)
+                log.error("cannot start: %s: %s", config.model, e.message)
                 raise
             batcher.start()
-            bring_up = asyncio.create_task(lifecycle.bring_up(config.version))
+            bring_up = asyncio.create_task(lifecycle.bring_up(plan))
             state.tasks.add(bring_up)
             if state_out is not None:
                 state_out.append(state)

@@ -49,7 +49,11 @@ class RankerConfig:
     model: str = "ads_ctr"
     """The one model this ranker serves; requests naming another model get 404."""
     version: str = "v1"
-    """Version loaded, prepared and activated at startup."""
+    """Version loaded, prepared and activated at startup (unless the desired state names one)."""
+    desired_state: Path | None = None
+    """The fleet's desired-state file (written by the deploy controller): when it names this
+    ranker's model, its versions are loaded and prepared and its split served at startup,
+    instead of --version; missing or unreadable, --version is used."""
     embedding_shards: tuple[tuple[str, ...], ...] = ()
     """Embedding shards in shard order, each a tuple of replica targets. On the command line:
     comma-separated shards, each a dns:///host:port target or host:port replicas joined with |."""

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from modelpack import desired
 from modelpack.dense import load_dense
+from modelpack.desired import DesiredStateError
 from modelpack.manifest import VerifyError, read_manifest, verify
 from modelpack.schema import SchemaError, check_name
 from ranker_server.config import RankerConfig
@@ -20,6 +24,8 @@ from ranker_server.sources import PrepareError, TableSource
 from ranker_server.versions import LoadedVersion, VersionRegistry
 
 log = logging.getLogger(__name__)
+_SERVE_CHECK_CACHE_S = 1.0  # /readyz probes within a second share one ListVersions round
+_SERVE_CHECK_TIMEOUT_S = 1.0  # a probe must answer faster than a kubelet's timeout
 
 
 class Lifecycle:
@@ -31,6 +37,7 @@ class Lifecycle:
         self.device = device
         self.startup_error: str | None = "startup version not prepared yet"
         self._lock = asyncio.Lock()
+        self._serve_check: tuple[float, str | None] = (-1.0, None)
 
     async def load(self, version: str) -> LoadedVersion:
         """Load STORE/MODEL/version beside the others; already loaded -> the same version."""
@@ -114,20 +121,106 @@ class Lifecycle:
         self.device.release_memory()
         log.info("unloaded %s/%s", self.registry.model, version)
 
-    async def bring_up(self, version: str) -> None:
-        """Startup: prepare `version` until the shards have it, then activate it."""
-        attempt = 0
+    async def load_startup(self) -> StartupPlan:
+        """Load the startup plan's versions; if one fails, --version alone (logged)."""
+        plan = startup_plan(self.config)
+        try:
+            for v in plan.versions:
+                await self.load(v)
+        except AdminError as e:
+            if plan.split == {self.config.version: 1.0} and len(plan.versions) == 1:
+                raise
+            log.error("startup: cannot load what %s names (%s): serving --version %s",
+                      plan.source, e.message, self.config.version)
+            plan = StartupPlan((self.config.version,), {self.config.version: 1.0}, "--version")
+            await self.load(self.config.version)
+        return plan
+
+    async def bring_up(self, plan: StartupPlan) -> None:
+        """Startup: prepare the plan's versions until the shards hold them, serving its split
+        as soon as the versions with traffic are prepared."""
+        attempt, serving = 0, False
         while True:
-            try:
-                await self.prepare(version)
-                if self.registry.active is None:
-                    await self.activate(version)
-                self.startup_error = None
+            errors = []
+            for v in plan.versions:
+                lv = self.registry.versions.get(v)
+                if lv is None or lv.prepared:
+                    continue
+                try:
+                    await self.prepare(v)
+                except AdminError as e:
+                    errors.append(f"{v}: {e.message}")
+            ready = all((lv := self.registry.versions.get(v)) is not None and lv.prepared
+                        for v in plan.split)
+            if ready and not serving:
+                if self.registry.active is None:  # an admin call may have got there first
+                    await self.set_split(plan.split)
+                serving, self.startup_error = True, None
+            if serving and not errors:
                 return
-            except AdminError as e:
-                self.startup_error = f"startup version {version} not prepared: {e.message}"
-                if attempt % 20 == 0:
-                    log.warning("%s (retrying every %.1f s)", self.startup_error,
-                                self.config.startup_retry_s)
+            if not serving:
+                self.startup_error = f"startup versions not prepared: {'; '.join(errors)}"
+            if attempt % 20 == 0:
+                log.warning("startup (%s): not prepared yet: %s (retrying every %.1f s)",
+                            plan.source, "; ".join(errors), self.config.startup_retry_s)
             attempt += 1
             await asyncio.sleep(self.config.startup_retry_s)
+
+    async def unservable(self) -> str | None:
+        """None when every shard replica can serve every version with traffic now.
+
+        The prepare handshake's own checks (READY, our fingerprint, shard index), not mere
+        reachability: a restarted shard without the active version makes this say so.
+        Cached for a second, so probes do not multiply ListVersions calls.
+        """
+        if self.registry.active is None:
+            return self.startup_error or "no active version"
+        now = time.monotonic()
+        if now - self._serve_check[0] < _SERVE_CHECK_CACHE_S:
+            return self._serve_check[1]
+        reason = None
+        for v in sorted(self.registry.split):
+            lv = self.registry.versions.get(v)
+            if lv is None:
+                continue
+            try:
+                await asyncio.wait_for(self.source.prepare(lv.manifest), _SERVE_CHECK_TIMEOUT_S)
+            except PrepareError as e:
+                reason = f"cannot serve {v}: {e}"
+            except TimeoutError:
+                reason = (f"cannot serve {v}: shard replicas did not answer ListVersions "
+                          f"within {_SERVE_CHECK_TIMEOUT_S} s")
+            if reason is not None:
+                break
+        self._serve_check = (time.monotonic(), reason)
+        return reason
+
+
+@dataclass(frozen=True)
+class StartupPlan:
+    """What a ranker loads and serves at startup: versions (active first) and the split."""
+
+    versions: tuple[str, ...]
+    split: dict[str, float]
+    source: str  # where it came from, for the log
+
+
+def startup_plan(config: RankerConfig) -> StartupPlan:
+    """The desired state's versions and split for this model, else --version alone."""
+    fallback = StartupPlan((config.version,), {config.version: 1.0}, "--version")
+    if config.desired_state is None:
+        return fallback
+    try:
+        want = desired.read(config.desired_state).get(config.model)
+    except DesiredStateError as e:
+        log.error("desired state ignored, starting from --version %s: %s", config.version, e)
+        return fallback
+    if want is None:
+        log.info("desired state %s names no %s yet: starting from --version %s",
+                 config.desired_state, config.model, config.version)
+        return fallback
+    log.info("desired state of %s: versions %s, split %s (rollout %s, seq %d); --version %s "
+             "not used", config.model, list(want.versions), want.split, want.rollout, want.seq,
+             config.version)
+    return StartupPlan(want.versions, dict(want.split),
+                       f"desired state {config.desired_state} seq {want.seq}")

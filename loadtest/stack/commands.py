@@ -16,12 +16,18 @@ DEFAULT_PORTS = {"shard": 50051, "ranker": 8080, "controller": 8090}
 """The fixed ports of `make up` (shard k replica r counts up from 50051)."""
 
 
+def desired_state_file(token_file: Path) -> Path:
+    """The fleet's desired-state file: beside the token, in the stack's private directory
+    (every builder gets the token, so shards, rankers and the controller share one path)."""
+    return token_file.parent / "desired-state.json"
+
+
 def shard_args(store: Path, model: str, version: str, shard: int, num_shards: int,
                token_file: Path, *extra: str) -> list[str]:
     """Arguments of `python -m embedding_server` for one replica of shard `shard`."""
     return ["--store", str(store), "--shard", str(shard), "--num-shards", str(num_shards),
             "--preload", f"{model}/{version}", "--admin-token-file", str(token_file),
-            "--host", LOOPBACK, *extra]
+            "--desired-state", str(desired_state_file(token_file)), "--host", LOOPBACK, *extra]
 
 
 def ranker_args(store: Path, model: str, version: str, shards: Sequence[Sequence[str]],
@@ -30,7 +36,7 @@ def ranker_args(store: Path, model: str, version: str, shards: Sequence[Sequence
     spec = ",".join("|".join(reps) for reps in shards)
     return ["--store", str(store), "--model", model, "--version", version,
             "--embedding-shards", spec, "--admin-token-file", str(token_file),
-            "--host", LOOPBACK, *extra]
+            "--desired-state", str(desired_state_file(token_file)), "--host", LOOPBACK, *extra]
 
 
 def controller_args(store: Path, journal: Path, fleet_file: Path, token_file: Path,
@@ -38,7 +44,7 @@ def controller_args(store: Path, journal: Path, fleet_file: Path, token_file: Pa
     """Arguments of `python -m deploy_controller` with local discovery."""
     return ["--journal", str(journal), "--admin-token-file", str(token_file),
             "--discovery", "local", "--fleet", str(fleet_file), "--store", str(store),
-            "--host", LOOPBACK, *extra]
+            "--desired-state", str(desired_state_file(token_file)), "--host", LOOPBACK, *extra]
 
 
 def fleet_json(ranker_urls: Sequence[str], shards: Sequence[Sequence[str]]) -> str:

@@ -1,0 +1,136 @@
+"""The desired state the journal implies, and its publication (modelpack/desired.py).
+
+`target(rollout)` maps a rollout's current step to what every server must hold and
+serve. A version joins `versions` only once every shard replica has loaded it (from
+PREPARE on), so a corrupt or oversized version is never pushed onto restarted servers;
+the split is the one the last finished SHIFT set. Retire and rollback drop the version
+going away at once: a server that restarts then need not load it again.
+
+`DesiredPublisher.publish()` recomputes every model that has a rollout in the journal
+and rewrites the file when something changed. Models the journal has never seen keep
+whatever the file says (a controller started on a fresh journal does not erase them),
+so the file, not the journal, is what servers trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from deploy_controller.journal import Journal, Rollout
+from deploy_controller.state import Kind, Phase, Step
+from modelpack import desired
+from modelpack.desired import DesiredModel, DesiredStateError
+from modelpack.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _split(r: Rollout, index: int) -> dict[str, float]:
+    """The split after SHIFT(index) (index -1: before the first shift)."""
+    if index < 0:
+        return {r.from_version: 1.0}
+    share = r.canary[index] / 100.0
+    if share >= 1.0:
+        return {r.to_version: 1.0}
+    return {r.from_version: round(1.0 - share, 6), r.to_version: round(share, 6)}
+
+
+def _failed_from(r: Rollout) -> Phase:
+    """The phase of the step whose failure ended the rollout FAILED."""
+    for e in reversed(r.events):
+        if e.event == "end":
+            return Step.parse(e.step).phase
+    return Phase.RETIRE
+
+
+def target(r: Rollout) -> tuple[str, tuple[str, ...], dict[str, float]]:
+    """(active, versions, split) for the fleet while `r` stands at its current step."""
+    old, new, step = r.from_version, r.to_version, r.step
+    k = step.kind
+    if k in (Kind.LOAD_DENSE, Kind.CHECK_FIT, Kind.LOAD_EMBEDDINGS):
+        return old, (old,), {old: 1.0}
+    if k is Kind.PREPARE:
+        return old, (old, new), {old: 1.0}
+    if k in (Kind.SHIFT, Kind.BAKE):
+        split = _split(r, step.index - 1 if k is Kind.SHIFT else step.index)
+        active = max(split, key=lambda v: (split[v], v == old))
+        return active, (active, *(v for v in (old, new) if v != active)), split
+    if k in (Kind.UNLOAD_OLD_RANKERS, Kind.UNLOAD_OLD_SHARDS, Kind.SUCCEEDED):
+        return new, (new,), {new: 1.0}
+    if k is Kind.ROLLBACK_TRAFFIC:
+        return old, (old, new), {old: 1.0}
+    if k in (Kind.UNLOAD_NEW_RANKERS, Kind.UNLOAD_NEW_SHARDS, Kind.ROLLED_BACK):
+        return old, (old,), {old: 1.0}
+    # FAILED: retire failed with the new version serving everything; a rollback failed
+    # with traffic moving back to the old one (the new one may still be loaded anywhere).
+    if _failed_from(r) is Phase.RETIRE:
+        return new, (new,), {new: 1.0}
+    return old, (old, new), {old: 1.0}
+
+
+class DesiredPublisher:
+    """Keeps the desired-state file in step with the journal."""
+
+    def __init__(self, journal: Journal, path: Path, store: Path | None) -> None:
+        self.journal = journal
+        self.path = path
+        self.store = store
+        self.models: dict[str, DesiredModel] = {}  # what the journal implies, by model
+        self.error: str | None = None
+
+    def _fingerprint(self, model: str, version: str) -> str | None:
+        if self.store is None:
+            return None
+        try:
+            return read_manifest(self.store / model / version).fingerprint
+        except Exception as e:  # a version missing from the store: publish without it
+            log.warning("desired state: no fingerprint for %s/%s: %s", model, version, e)
+            return None
+
+    def _latest(self) -> dict[str, Rollout]:
+        """Each model's active rollout, else its most recent one."""
+        out: dict[str, Rollout] = {}
+        for r in self.journal.history(None, limit=1000):
+            if r.model not in out:
+                out[r.model] = r
+        for r in self.journal.active():
+            out[r.model] = r
+        return out
+
+    def publish(self) -> dict[str, DesiredModel]:
+        """Recompute from the journal; rewrite the file if anything changed. Never raises."""
+        try:
+            on_file = desired.read(self.path)
+        except DesiredStateError as e:
+            log.error("desired state %s unreadable (%s): rewriting it from the journal",
+                      self.path, e)
+            on_file = {}
+        merged = dict(on_file)
+        changed = False
+        for model, r in self._latest().items():
+            if r.step.kind is Kind.FAILED:  # target() reads the events to see where it failed
+                r = self.journal.get(r.id) or r
+            active, versions, split = target(r)
+            prev = on_file.get(model)
+            prints = {v: fp for v in versions
+                      if (fp := self._fingerprint(model, v)) is not None}
+            want = DesiredModel(active, versions, split, prints, r.id, time.time(),
+                                (prev.seq if prev else 0) + 1)
+            if want.same_target(prev) and prev is not None:
+                want = prev
+            else:
+                merged[model] = want
+                changed = True
+                log.info("desired state of %s: active %s, versions %s, split %s (rollout %s, "
+                         "seq %d)", model, active, list(versions), split, r.id, want.seq)
+            self.models[model] = want
+        if changed:
+            try:
+                desired.write(self.path, merged)
+                self.error = None
+            except OSError as e:
+                self.error = f"cannot write {self.path}: {e}"
+                log.error("desired state: %s", self.error)
+        return dict(self.models)

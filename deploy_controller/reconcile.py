@@ -1,0 +1,188 @@
+"""Continuous repair of servers that drifted from the desired state.
+
+Servers read the desired-state file at startup and converge on their own; this loop
+covers what that cannot: a server started without the file (or before the controller
+wrote it), a version lost by hand, a ranker whose prepare kept failing. Every few
+seconds it compares every shard replica's ListVersions and every ranker's
+/admin/v1/versions with the desired state and asks only for what is missing:
+LoadVersion on a replica, load + prepare + activate/split on a ranker. It never
+unloads anything (retire and rollback steps do that, journaled).
+
+It must not fight a rollout: the executor holds the model's lock while a step acts on
+the fleet (every step but a bake), and a pass takes the same lock, so a pass and a
+step never run at once; during a bake the desired state already is the bake's split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deploy_controller.fleet import Fleet, RankerStatus
+from deploy_controller.metrics import ControllerMetrics
+from modelpack.desired import DesiredModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pass:
+    """One reconcile pass, as `deployctl status` and the API show it."""
+
+    at: float = 0.0
+    duration_s: float = 0.0
+    drift: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # models a rollout step was acting on
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "duration_s": round(self.duration_s, 3), "drift": self.drift,
+                "repairs": self.repairs, "errors": self.errors, "skipped": self.skipped}
+
+
+def _split_is(st: RankerStatus, want: dict[str, float]) -> bool:
+    have = {v: s for v, s in st.split.items() if s > 0}
+    want = {v: s for v, s in want.items() if s > 0}
+    return have.keys() == want.keys() and all(abs(have[v] - want[v]) < 1e-6 for v in want)
+
+
+class Reconciler:
+    def __init__(self, fleet: Fleet, desired: Callable[[], dict[str, DesiredModel]],
+                 locks: Callable[[str], asyncio.Lock], metrics: ControllerMetrics,
+                 interval_s: float) -> None:
+        self.fleet = fleet
+        self.desired = desired
+        self.locks = locks
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.last: Pass | None = None
+        self.passes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval_s > 0 and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="reconcile")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:  # a bug in one pass must not end reconciling for good
+                log.exception("reconcile pass failed")
+            await asyncio.sleep(self.interval_s)
+
+    def view(self) -> dict[str, Any] | None:
+        """The last pass (None before the first) plus the loop's settings."""
+        if self.last is None:
+            return None
+        return {**self.last.to_json(), "interval_s": self.interval_s, "passes": self.passes}
+
+    async def run_once(self) -> Pass:
+        p = Pass(at=time.time())
+        t0 = time.monotonic()
+        wanted = self.desired()
+        if wanted:
+            try:
+                topo = await self.fleet.topology()
+            except Exception as e:
+                p.errors.append(f"discovery: {e}")
+            else:
+                for model in sorted(wanted):
+                    lock = self.locks(model)
+                    if lock.locked():
+                        p.skipped.append(model)
+                        continue
+                    async with lock:
+                        # Read again under the lock: a step may have moved it meanwhile.
+                        want = self.desired().get(model)
+                        if want is None:
+                            continue
+                        await self._shards(p, model, want, [a for _, a in topo.replicas()])
+                        await self._rankers(p, model, want, list(topo.rankers))
+        p.duration_s = time.monotonic() - t0
+        self.last, self.passes = p, self.passes + 1
+        self.metrics.reconcile_passes.labels("error" if p.errors else "drift" if p.drift
+                                             else "ok").inc()
+        self.metrics.reconcile_last.set(p.at)
+        if p.drift or p.errors:
+            log.warning("reconcile: drift %s; repairs %s; errors %s", p.drift, p.repairs,
+                        p.errors)
+        return p
+
+    def _repaired(self, p: Pass, kind: str, what: str) -> None:
+        p.repairs.append(what)
+        self.metrics.reconcile_repairs.labels(kind).inc()
+
+    def _failed(self, p: Pass, what: str, e: Exception) -> None:
+        p.errors.append(f"{what}: {e}")
+        self.metrics.reconcile_errors.inc()
+
+    async def _shards(self, p: Pass, model: str, want: DesiredModel, addrs: list[str]) -> None:
+        async def one(addr: str) -> None:
+            try:
+                held = {v.version: v for v in await self.fleet.shard_versions(addr, model)}
+            except Exception as e:
+                self._failed(p, f"shard {addr}", e)
+                return
+            for v in want.versions:
+                sv = held.get(v)
+                if sv is not None and sv.state in ("ready", "loading"):
+                    continue  # loading: its own LoadVersion (startup or a step) finishes it
+                p.drift.append(f"shard {addr} lacks {model}/{v}"
+                               + (f" ({sv.state})" if sv is not None else ""))
+                try:
+                    got = await self.fleet.shard_load(addr, model, v)
+                except Exception as e:
+                    self._failed(p, f"LoadVersion {model}/{v} on {addr}", e)
+                    continue
+                if got.state == "ready":
+                    self._repaired(p, "shard_load", f"loaded {model}/{v} on shard {addr}")
+                else:
+                    p.errors.append(f"LoadVersion {model}/{v} on {addr}: {got.state} "
+                                    f"{got.error}")
+
+        await asyncio.gather(*(one(a) for a in addrs))
+
+    async def _rankers(self, p: Pass, model: str, want: DesiredModel, urls: list[str]) -> None:
+        async def one(url: str) -> None:
+            try:
+                st = await self.fleet.ranker_status(url)
+            except Exception as e:
+                self._failed(p, f"ranker {url}", e)
+                return
+            if st.model != model:
+                return
+            try:
+                for v in want.versions:
+                    if st.get(v) is None:
+                        p.drift.append(f"ranker {url} lacks {model}/{v}")
+                        await self.fleet.ranker_load(url, v)
+                        self._repaired(p, "ranker_load", f"loaded {v} on ranker {url}")
+                    if not st.servable(v):
+                        p.drift.append(f"ranker {url}: {v} not prepared")
+                        await self.fleet.ranker_prepare(url, v)
+                        self._repaired(p, "ranker_prepare", f"prepared {v} on ranker {url}")
+                if not _split_is(st, want.split) or st.active is None:
+                    p.drift.append(f"ranker {url} splits {st.split}, desired {want.split}")
+                    if len(want.split) == 1:
+                        await self.fleet.ranker_activate(url, want.active)
+                    else:
+                        await self.fleet.ranker_split(url, want.split)
+                    self._repaired(p, "ranker_split", f"split {want.split} on ranker {url}")
+            except Exception as e:
+                self._failed(p, f"ranker {url}", e)
+
+        await asyncio.gather(*(one(u) for u in urls))
