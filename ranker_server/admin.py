@@ -1,13 +1,16 @@
 """Admin HTTP API (bearer token): load, prepare, activate, split, unload, list versions.
 
 The deploy controller drives rollouts through exactly these endpoints. Errors are
-`{"detail": message}` with 401 (no or wrong token), 403 (admin API disabled), 404 (no
-such version), 409 (state forbids it: not prepared, still has traffic, shards disagree)
-and 422 (malformed body or a version that fails verification).
+`{"detail": message}` with 400 (body not UTF-8 JSON, or holding NaN, Infinity or a
+number past 64 bits), 401 (no or wrong token), 403 (admin API disabled), 404 (no such
+version), 409 (state forbids it: not prepared, still has traffic, shards disagree), 413
+(body over MAX_ADMIN_BODY_BYTES), 415 (body not sent as JSON) and 422 (a field of the
+wrong type or value, or a version that fails verification).
 
 Every route is authorized once, by the router's dependency, before anything reads the
 request's body: handlers take no body parameters (FastAPI would read those before
-running dependencies) and read the body themselves, after the token was checked.
+running dependencies) and read the body themselves, after the token was checked, with
+modelpack.httpbody (capped, strictly parsed).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from modelpack.httpbody import BodyError, json_content_type, read_capped, strict_json
 from ranker_server.errors import AdminError
+
+MAX_ADMIN_BODY_BYTES = 64 << 10  # its bodies name a version or a split: a few hundred bytes
 
 if TYPE_CHECKING:
     from ranker_server.app import RankerState
@@ -50,9 +56,12 @@ def _state(request: Request) -> RankerState:
 
 async def _body(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError) as e:
-        raise AdminError(422, f"body: not valid JSON: {e}") from None
+        raw = await read_capped(request.headers.get("content-length"), request.stream(),
+                                MAX_ADMIN_BODY_BYTES)
+        json_content_type(request.headers.get("content-type"))
+        body = strict_json(raw)
+    except BodyError as e:
+        raise AdminError(e.status, e.message) from None
     if not isinstance(body, dict):
         raise AdminError(422, "body: must be a JSON object")
     return body

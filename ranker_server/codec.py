@@ -33,6 +33,11 @@ from ranker_server.errors import RankError
 
 BodyKind = Literal["json", "protobuf"]
 PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
+MAX_JSON_BODY_BYTES = 1 << 20
+"""Largest JSON body parsed. json.loads holds the GIL for its whole run (a thread does not
+free the event loop), at ~20 ms per MB: 1 MiB bounds the stall of every other request to
+~20 ms, and is 6x the largest demo request (1000 candidates, ~175 KB). Bigger requests
+go as protobuf, decoded by numpy up to max_body_bytes."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,10 @@ def parse_body(body: bytes, kind: BodyKind) -> ParsedBody:
 
 
 def _json(body: bytes) -> Any:
+    if len(body) > MAX_JSON_BODY_BYTES:  # refused unparsed: see MAX_JSON_BODY_BYTES
+        raise RankError(413, "body_too_large", f"body: {len(body)} bytes of JSON, at most "
+                        f"{MAX_JSON_BODY_BYTES}; send bigger requests as protobuf "
+                        f"(content-type: {PROTOBUF_TYPES[0]})", field="body")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:  # ValueError: bad UTF-8, JSON, huge ints
