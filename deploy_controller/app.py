@@ -40,7 +40,7 @@ from modelpack.httpbody import BodyError, json_content_type, read_capped, strict
 
 MAX_BODY_BYTES = 64 << 10  # the API's bodies are a few hundred bytes
 DISCOVERY_CACHE_S = 1.0  # /readyz lists the fleet at most this often
-DISCOVERY_TIMEOUT_S = 5.0
+DISCOVERY_TIMEOUT_S = 2.0  # answers 503 with the reason within the k8s probe's 3 s timeout
 
 
 class RolloutBody(BaseModel):

@@ -4,6 +4,7 @@ discovery work."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from deploy_controller import app as app_module
 from deploy_controller.app import MAX_BODY_BYTES, build_app
+from deploy_controller.discovery import Topology
 from deploy_controller.fake import FakeFleet
 from tests.unit.controller_helpers import AUTH, MakeConfig
 
@@ -144,3 +147,16 @@ def test_readyz_needs_the_journal_and_discovery(controller_config: MakeConfig,
         c.app.state.controller.journal.close()  # type: ignore[attr-defined]
         r = c.get("/readyz")
         assert r.status_code == 503 and "journal" in r.json()["reason"], r.text
+
+
+def test_readyz_says_when_discovery_hangs(controller_config: MakeConfig,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    class Hanging(FakeFleet):
+        async def topology(self) -> Topology:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    monkeypatch.setattr(app_module, "DISCOVERY_TIMEOUT_S", 0.05)
+    with TestClient(build_app(controller_config(), fleet=Hanging())) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no fleet listing within" in r.json()["reason"], r.text
