@@ -5,8 +5,10 @@ One logical lookup (several tables, global rows) is split by row range into one
 against the requested model, version and fingerprint and merged back into request
 order. Replicas of a shard sit behind one gRPC channel whose target gRPC resolves
 itself (`dns:///host:port`, or `ipv4:a:p1,b:p2` for fixed addresses) and balances with
-its own `round_robin` policy; UNAVAILABLE is retried, on the next replica, within the
-caller's deadline. Depends on protos and modelpack only (no FBGEMM, no server code).
+its own `round_robin` policy; UNAVAILABLE is retried, on the next replica, for a short
+budget (a draining replica hands over to a sibling) but not until the deadline: a shard
+whose every replica refuses fails the lookup in milliseconds. Depends on protos and
+modelpack only (no FBGEMM, no server code).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+# UNAVAILABLE is retried this many times, and only this long after the first attempt: a
+# SIGTERM-drained or killed replica's lookups move to a sibling within a few ms, while a
+# shard with no live replica (every port refuses at once) fails fast instead of at the
+# deadline, so the ranker answers 503 with Retry-After rather than 504 a second later.
+RETRY_ATTEMPTS = 5
+RETRY_BUDGET_S = 0.1
 POOLING = {"none": pb.POOLING_NONE, "sum": pb.POOLING_SUM, "mean": pb.POOLING_MEAN}
 OUTPUT = {"int4": pb.OUTPUT_INT4_PACKED, "fp16": pb.OUTPUT_FP16, "fp32": pb.OUTPUT_FP32}
 
@@ -78,12 +86,15 @@ class _Part:
 class EmbeddingClient:
     """Fans lookups out to `shards` (each a list of replica addresses or one dns:/// target)."""
 
-    def __init__(self, shards: Sequence[Sequence[str]], *, default_timeout_s: float = 1.0) -> None:
+    def __init__(self, shards: Sequence[Sequence[str]], *, default_timeout_s: float = 1.0,
+                 lookup_token: str | None = None) -> None:
         if not shards:
             raise ValueError("need at least one embedding shard")
         self.targets = [replicas_target(s) for s in shards]
         self.replicas = [list(s) for s in shards]
         self.default_timeout_s = default_timeout_s
+        # Sent with every Lookup, for shards started with --lookup-token-file.
+        self._metadata = (("authorization", f"Bearer {lookup_token}"),) if lookup_token else None
         self._channels = [grpc.aio.insecure_channel(t, options=_CHANNEL_OPTIONS)
                           for t in self.targets]
         self._stubs = [
@@ -123,6 +134,7 @@ class EmbeddingClient:
         return parts
 
     async def _call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:
+        start = time.monotonic()
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -130,15 +142,19 @@ class EmbeddingClient:
                 raise EmbeddingLookupError(f"shard {k}: deadline exceeded",
                                            grpc.StatusCode.DEADLINE_EXCEEDED, k)
             try:
-                resp: pb.LookupResponse = await self._stubs[k].Lookup(request, timeout=remaining)
+                resp: pb.LookupResponse = await self._stubs[k].Lookup(
+                    request, timeout=remaining, metadata=self._metadata)
                 return resp
             except grpc.aio.AioRpcError as e:
                 attempt += 1
                 # UNAVAILABLE: the replica is down or draining; round_robin moves on.
-                if e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
-                    await asyncio.sleep(min(0.002 * attempt, 0.02))
+                now = time.monotonic()
+                if (e.code() == grpc.StatusCode.UNAVAILABLE and attempt < RETRY_ATTEMPTS
+                        and now - start < RETRY_BUDGET_S and now < deadline):
+                    await asyncio.sleep(0.005 * attempt)
                     continue
-                raise EmbeddingLookupError(f"shard {k}: {e.code().name}: {e.details()}",
+                tried = f" (after {attempt} attempts in {(now - start) * 1000:.0f} ms)" if attempt > 1 else ""
+                raise EmbeddingLookupError(f"shard {k}: {e.code().name}: {e.details()}{tried}",
                                            e.code(), k) from None
 
     async def lookup(self, model: str, version: str, fingerprint: str,

@@ -58,8 +58,20 @@ class ServerConfig:
     8G, 8GiB) or a fraction of RAM or of the cgroup memory limit (e.g. 0.5)."""
     workers: int = 1
     """Server processes sharing the port through SO_REUSEPORT (one core each)."""
+    lookup_token_file: Path | None = None
+    """File holding a bearer token every Lookup must send as 'authorization: Bearer
+    <token>' (the data port's own token, not the admin one). Without it Lookup is open to
+    whoever reaches the port."""
     max_rows_per_request: int = 1 << 20
     """Largest total row count one Lookup may ask for (INVALID_ARGUMENT above)."""
+    max_bags_per_request: int = 1 << 20
+    """Largest total count of output vectors (bags; one per row when unpooled) one Lookup
+    may ask for: empty bags cost no rows but still an answer each."""
+    max_tables_per_request: int = 1024
+    """Most table groups one Lookup may carry (the ranker sends one per table of the model)."""
+    max_response_bytes: int = 64 << 20
+    """Largest answer one Lookup may need, computed before any work as rows or bags times
+    the row width of the requested output (4 + dim/2 bytes packed, 2*dim fp16, 4*dim fp32)."""
     max_concurrent: int = 32
     """Lookups allowed in flight per process at once; more get RESOURCE_EXHAUSTED."""
     grace_period_s: float = 10.0
@@ -89,14 +101,22 @@ class ServerConfig:
         require_at_least(ConfigError, 0, {"--memory-budget": self.memory_budget_bytes}, strictly=True)
         require_at_least(ConfigError, 1, {
             "--workers": self.workers, "--max-rows-per-request": self.max_rows_per_request,
-            "--max-concurrent": self.max_concurrent})
+            "--max-bags-per-request": self.max_bags_per_request,
+            "--max-tables-per-request": self.max_tables_per_request,
+            "--max-response-bytes": self.max_response_bytes, "--max-concurrent": self.max_concurrent})
         require_at_least(ConfigError, 0, {"--grace-period": self.grace_period_s})
         require_at_least(ConfigError, 0, {"--drain-timeout": self.drain_timeout_s}, strictly=True)
-        if self.admin_token is not None and not self.admin_token:
-            raise ConfigError("--admin-token-file is empty; put a non-empty token in it")
+        for flag, token in (("--admin-token-file", self.admin_token),
+                            ("--lookup-token-file", self.lookup_token())):
+            if token is not None and not token:
+                raise ConfigError(f"{flag} is empty; put a non-empty token in it")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         return self
+
+    def lookup_token(self) -> str | None:
+        """The data port's bearer token (read from lookup_token_file); None: Lookup is open."""
+        return _read_token("--lookup-token-file", self.lookup_token_file)
 
 
 def total_memory_bytes() -> int:
@@ -171,14 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     """Parse the command line into a validated ServerConfig (ConfigError on bad values)."""
     values = FLAGS.values(build_parser().parse_args(argv))
-    token = None
-    if values["admin_token_file"] is not None:
-        try:
-            token = values["admin_token_file"].read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(
-                f"--admin-token-file {values['admin_token_file']}: cannot read it: {e}") from None
+    token = _read_token("--admin-token-file", values["admin_token_file"])
     return ServerConfig(**values, admin_token=token).validate()
+
+
+def _read_token(flag: str, path: Path | None) -> str | None:
+    """The stripped contents of a token file; ConfigError naming `flag` if unreadable."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read it: {e}") from None
 
 
 def worker_argv(cfg: ServerConfig, port: int, peer_dir: Path) -> list[str]:

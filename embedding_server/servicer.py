@@ -20,7 +20,8 @@ import grpc
 from embedding_server.auth import PEER_HEADER, AdminAuth, metadata_value
 from embedding_server.config import ServerConfig
 from embedding_server.errors import ServiceError
-from embedding_server.lookup import count_rows, run_lookup
+from embedding_server.limits import LookupToken, check_answer, check_cost
+from embedding_server.lookup import run_lookup
 from embedding_server.metrics import Metrics
 from embedding_server.peers import Peers, merge_version_lists
 from embedding_server.versions import Entry, VersionRegistry
@@ -47,6 +48,7 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
     def __init__(self, cfg: ServerConfig, versions: VersionRegistry, metrics: Metrics,
                  auth: AdminAuth, peers: Peers | None = None) -> None:
         self.cfg, self.versions, self.metrics, self.auth, self.peers = cfg, versions, metrics, auth, peers
+        self.lookup_token = LookupToken(cfg.lookup_token())
         self._inflight = 0
         self.draining = False  # set on SIGTERM: new lookups get UNAVAILABLE, running ones finish
         self.last_arrival = 0.0  # time.monotonic() of the latest Lookup call
@@ -69,6 +71,10 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         t0 = time.perf_counter()
         self.last_arrival = time.monotonic()
+        try:
+            self.lookup_token.check(context)
+        except ServiceError as e:
+            self._abort(context, e)
         if self.draining:
             self._abort(context, ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -90,12 +96,10 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
             if left is not None and left <= 0:
                 raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    "deadline passed before the lookup started")
-            n = count_rows(request)
-            if n > self.cfg.max_rows_per_request:
-                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"request asks for {n} rows, more than this server's "
-                                   f"--max-rows-per-request={self.cfg.max_rows_per_request}; split it")
+            self._names(request.model, request.version)
+            cost = check_cost(request, self.cfg)  # the cost limits, before any work
             with self.versions.acquire(request.model, request.version, request.fingerprint) as v:
+                check_answer(request, cost, v.tables, self.cfg)
                 resp = run_lookup(v, request, shard=self.cfg.shard, num_shards=self.cfg.num_shards,
                                   deadline=None if left is None else time.monotonic() + left,
                                   on_rows=self._on_rows)

@@ -18,7 +18,9 @@ Pooling = Literal["sum", "mean"]
 Normalization = Literal["none", "standard", "log1p_standard"]
 
 # Names that end up in paths or URLs: a conservative charset, no separators, no dots first.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# Always fullmatch: `$` would also match before a trailing newline ("v1\n").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_SHOWN = 40  # characters of a refused name echoed back: error messages travel in gRPC metadata
 
 
 class SchemaError(ValueError):
@@ -27,9 +29,11 @@ class SchemaError(ValueError):
 
 def check_name(kind: str, name: object) -> str:
     """Return `name` if it is a safe identifier (no path separators, no `..`), else raise."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        text = repr(name)
+        shown = text if len(text) <= _SHOWN else f"{text[:_SHOWN]}... ({len(text) - _SHOWN} more characters)"
         raise SchemaError(
-            f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.', "
+            f"invalid {kind} name {shown}: use letters, digits, '_', '-', '.', "
             "start with a letter or digit, no '..', at most 128 characters"
         )
     return name

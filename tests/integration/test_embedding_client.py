@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import re
 import signal
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
@@ -28,9 +29,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_server.client import EmbeddingClient, EmbeddingLookupError, VersionMismatchError
+from loadtest.harness.probes import grpc_serving
 from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.hashing import shard_of
 from modelpack.int4 import dequantize_rows
@@ -41,25 +42,14 @@ from protos import embedding_pb2_grpc as pbg
 from tests.helpers_store import tiny_version
 
 ROWS, DIM, ROW_BYTES = 1000, 16, 12
-SERVICE = "hybrid.embedding.v1.EmbeddingService"
 C = grpc.StatusCode
 Float = npt.NDArray[np.float64]
 T = TypeVar("T")
 
 
-def _serving(s: ServerProcess) -> bool:
-    with grpc.insecure_channel(s.address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE),
-                                                     timeout=1)
-        except grpc.RpcError:
-            return False
-    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _server(store: Path, log_dir: Path, name: str, *args: str) -> ServerProcess:
     return ServerProcess.module("embedding_server", "--store", str(store), *args, log_dir=log_dir,
-                                name=name, ready=_serving)
+                                name=name, ready=grpc_serving)
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +329,55 @@ def test_too_short_a_deadline_is_deadline_exceeded(servers: dict[str, ServerProc
 
     [got] = run_with(addresses(servers, "s0", "s1"), small)
     assert got.shape == (5, ROW_BYTES)  # the servers are fine afterwards
+
+
+def test_a_shard_with_no_live_replica_fails_in_milliseconds(
+        stores: dict[str, Path], servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    """Its port refuses connections at once: the lookup must not wait out its deadline."""
+    victim = _server(stores["main"], tmp_path, "victim", "--shard", "1", "--num-shards", "2",
+                     "--preload", "tiny/v1")
+    rows = np.arange(0, ROWS, 7)
+
+    async def body(c: EmbeddingClient) -> list[tuple[str, float]]:
+        [got] = await c.lookup("tiny", "v1", "", [query(rows)])
+        assert np.array_equal(got, file_rows(stores["main"], "tiny", "unified", rows))
+        assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+        outcomes = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            try:
+                await c.lookup("tiny", "v1", "", [query(rows)])
+                outcomes.append(("ok", time.perf_counter() - t0))
+            except EmbeddingLookupError as e:
+                assert e.shard == 1, e
+                outcomes.append((str(e.code), time.perf_counter() - t0))
+        return outcomes
+
+    with victim:
+        outcomes = run_with([[servers["s0"].address], [victim.address]], body, timeout_s=2.0)
+    assert all(code == str(C.UNAVAILABLE) and took < 0.2 for code, took in outcomes), outcomes
+
+
+def test_the_lookup_token_is_sent_when_the_shard_wants_one(
+        stores: dict[str, Path], servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("d4ta-t0ken")
+    guarded = _server(stores["main"], tmp_path, "guarded", "--shard", "1", "--num-shards", "2",
+                      "--preload", "tiny/v1", "--lookup-token-file", str(tmp_path / "token"))
+    rows = np.arange(0, ROWS, 7)
+
+    async def lookup(c: EmbeddingClient) -> list[npt.NDArray[np.generic]]:
+        return await c.lookup("tiny", "v1", "", [query(rows)])
+
+    async def with_token() -> list[npt.NDArray[np.generic]]:
+        c = EmbeddingClient([[servers["s0"].address], [guarded.address]], lookup_token="d4ta-t0ken")
+        try:  # shard 0 has no token of its own and ignores the header
+            return await lookup(c)
+        finally:
+            await c.close()
+
+    with guarded:
+        with pytest.raises(EmbeddingLookupError) as e:
+            run_with([[servers["s0"].address], [guarded.address]], lookup)
+        assert e.value.code == C.UNAUTHENTICATED and e.value.shard == 1
+        [got] = asyncio.run(with_token())
+    assert np.array_equal(got, file_rows(stores["main"], "tiny", "unified", rows))

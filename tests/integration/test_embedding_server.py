@@ -27,6 +27,7 @@ import numpy.typing as npt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtest.harness.probes import grpc_serving
 from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.hashing import shard_of, shard_range
 from modelpack.int4 import dequantize_rows
@@ -42,19 +43,9 @@ SERVICE = "hybrid.embedding.v1.EmbeddingService"
 C = grpc.StatusCode
 
 
-def _serving(s: ServerProcess) -> bool:
-    with grpc.insecure_channel(s.address) as ch:
-        try:
-            req = health_pb2.HealthCheckRequest(service=SERVICE)
-            r = health_pb2_grpc.HealthStub(ch).Check(req, timeout=1)
-        except grpc.RpcError:
-            return False
-    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _server(store: Path, log_dir: Path, name: str, *args: str) -> ServerProcess:
     return ServerProcess.module("embedding_server", "--store", str(store), *args,
-                                log_dir=log_dir, name=name, ready=_serving)
+                                log_dir=log_dir, name=name, ready=grpc_serving)
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +65,16 @@ def servers(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     logs = tmp_path_factory.mktemp("logs")
     (logs / "token").write_text(TOKEN + "\n")
     common = ("--num-shards", "2", "--preload", "tiny/v1", "--memory-budget", "20000",
-              "--max-rows-per-request", "5000", "--grace-period", "20")
+              "--max-rows-per-request", "5000", "--grace-period", "20",
+              "--max-tables-per-request", "3000")  # the overload test's heavy requests
     procs = {
         "s0": _server(store, logs, "s0", "--shard", "0", *common, "--admin-token-file",
                       str(logs / "token"), "--metrics-port", "0"),
         "s1": _server(store, logs, "s1", "--shard", "1", *common, "--admin-token-file",
                       str(logs / "token"), "--max-concurrent", "2"),
         "r0": _server(store, logs, "r0", "--shard", "0", "--num-shards", "2", "--preload", "tiny/v1",
-                      "--max-rows-per-request", "4000000"),
+                      "--max-rows-per-request", "4000000", "--max-bags-per-request", "4000000",
+                      "--max-response-bytes", str(1 << 30)),  # the deadline test's slow request
     }
     start_all(procs.values())
     yield procs
@@ -469,7 +462,7 @@ def _scrape(port: int | None) -> str:
 
 def test_sigterm_drains_in_flight_lookups_and_exits_zero(store: Path, tmp_path: Path) -> None:
     srv = _server(store, tmp_path, "drain", "--shard", "1", "--num-shards", "2", "--preload", "tiny/v1",
-                  "--grace-period", "30", "--metrics-port", "0")
+                  "--grace-period", "30", "--metrics-port", "0", "--max-tables-per-request", "3000")
     # Thousands of small groups: long in the handler (per-group work), short on the wire.
     rows = np.random.default_rng(9).integers(500, 1000, 20)
     req = [group("unified", rows, pb.OUTPUT_FP32, pb.POOLING_SUM, [0, 5, 20])] * 3000

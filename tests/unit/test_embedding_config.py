@@ -50,9 +50,14 @@ def test_parse_and_validate(tmp_path: Path) -> None:
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
     (["--max-rows-per-request", "0"], "--max-rows-per-request must be >= 1, got 0"),
+    (["--max-bags-per-request", "0"], "--max-bags-per-request must be >= 1, got 0"),
+    (["--max-tables-per-request", "0"], "--max-tables-per-request must be >= 1, got 0"),
+    (["--max-response-bytes", "0"], "--max-response-bytes must be >= 1, got 0"),
     (["--grace-period", "-1"], "--grace-period must be >= 0, got -1.0"),
     (["--preload", "m"], "--preload 'm': expected MODEL/VERSION"),
     (["--preload", "m/.."], "invalid version name"),
+    (["--preload", "m/v1\n"], r"invalid version name 'v1\\n'"),
+    (["--preload", "m" * 10_000 + "/v1"], r"invalid model name 'm{39}\.\.\. \(9962 more characters\)"),
     (["--log-level", "LOUD"], "--log-level must be"),
 ])
 def test_bad_values_are_named(tmp_path: Path, args: list[str], message: str) -> None:
@@ -60,12 +65,27 @@ def test_bad_values_are_named(tmp_path: Path, args: list[str], message: str) -> 
         config_from_args(["--store", str(tmp_path), *args])
 
 
-def test_missing_or_empty_token_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read it"):
-        config_from_args(["--store", str(tmp_path), "--admin-token-file", str(tmp_path / "nope")])
+@pytest.mark.parametrize("flag", ["--admin-token-file", "--lookup-token-file"])
+def test_missing_or_empty_token_file(tmp_path: Path, flag: str) -> None:
+    with pytest.raises(ConfigError, match=f"{flag} .*nope: cannot read it"):
+        config_from_args(["--store", str(tmp_path), flag, str(tmp_path / "nope")])
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ConfigError, match="is empty"):
-        config_from_args(["--store", str(tmp_path), "--admin-token-file", str(tmp_path / "empty")])
+    with pytest.raises(ConfigError, match=f"{flag} is empty"):
+        config_from_args(["--store", str(tmp_path), flag, str(tmp_path / "empty")])
+
+
+def test_cost_limits_and_lookup_token_reach_the_workers(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("d4ta\n")
+    cfg = config_from_args(["--store", str(tmp_path), "--lookup-token-file", str(tmp_path / "data"),
+                            "--max-bags-per-request", "7", "--max-tables-per-request", "8",
+                            "--max-response-bytes", "9", "--workers", "2"])
+    assert cfg.lookup_token() == "d4ta" and cfg.admin_token is None
+    child = config_from_args(worker_argv(cfg, 4321, tmp_path))
+    assert (child.lookup_token(), child.max_bags_per_request, child.max_tables_per_request,
+            child.max_response_bytes) == ("d4ta", 7, 8, 9)
+    defaults = config_from_args(["--store", str(tmp_path)])
+    assert (defaults.lookup_token(), defaults.max_bags_per_request, defaults.max_tables_per_request,
+            defaults.max_response_bytes) == (None, 1 << 20, 1024, 64 << 20)
 
 
 def test_worker_views_merge_to_the_least_ready_state() -> None:
