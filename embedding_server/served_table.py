@@ -67,13 +67,24 @@ class ServedTable:
         """Mapped table bytes (what the memory budget counts)."""
         return sum(int(s.weights.numel()) for s in self.segments)
 
+    def _only_segment(self, rows: npt.NDArray[np.int64]) -> Segment | None:
+        """The segment holding all of `rows`, if one does (always, for a range inside one file)."""
+        if len(self.segments) == 1:
+            return self.segments[0]
+        if not rows.size:
+            return self.segments[0]
+        # Two reductions spare a request whose rows happen to share a file the routing
+        # (split_rows: ~0.1-0.4 ms for 8k rows, a stable argsort).
+        lo, hi = int(rows.min()), int(rows.max())
+        return next((s for s in self.segments if s.start <= lo and hi < s.stop), None)
+
     def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
         """Packed INT4 rows of global row ids, all within [start, stop) (not checked here)."""
-        if len(self.segments) == 1:
-            s = self.segments[0]
+        if (s := self._only_segment(rows)) is not None:
             local = torch.from_numpy(rows - s.start if s.start else rows)
             out: Packed = torch.index_select(s.weights, 0, local).numpy()
             return out
+
         def take(k: int, file_rows: npt.NDArray[np.int64]) -> Packed:
             seg = self._by_file[k]  # file_rows are local to file k, whose row 0 is global _file_start[k]
             local = torch.from_numpy(file_rows + (int(self._file_start[k]) - seg.start))
@@ -88,21 +99,21 @@ class ServedTable:
 
         rows: global row ids within [start, stop); offsets: int64 (bags + 1), validated.
         """
-        if len(self.segments) == 1:
-            s = self.segments[0]
+        if (s := self._only_segment(rows)) is not None:
             off = torch.arange(rows.size + 1, dtype=torch.int64) if offsets is None else offsets
             return s.kernel.lookup(torch.from_numpy(rows - s.start if s.start else rows), off,
                                    pooling, output)
         parts = split_rows(rows, self._file_start)
         if offsets is None:
-            out = torch.empty((rows.size, self.spec.dim), dtype=_DTYPES[output])
+            # numpy's row scatter: torch's index_put/index_copy_ are several times slower here.
+            out = np.empty((rows.size, self.spec.dim), dtype=np.float16 if output == "fp16" else np.float32)
             for k, pos in enumerate(parts):
                 if pos.size:
                     one_each = torch.arange(pos.size + 1, dtype=torch.int64)
                     seg = self._by_file[k]
-                    out[torch.from_numpy(pos)] = seg.kernel.lookup(
-                        torch.from_numpy(rows[pos] - seg.start), one_each, "sum", output)
-            return out
+                    out[pos] = seg.kernel.lookup(torch.from_numpy(rows[pos] - seg.start), one_each,
+                                                 "sum", output).numpy()
+            return torch.from_numpy(out)
         bags = int(offsets.numel()) - 1
         bag = np.searchsorted(offsets.numpy(), np.arange(rows.size), side="right") - 1
         total = torch.zeros((bags, self.spec.dim), dtype=torch.float32)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from embedding_server.errors import ServiceError
+from embedding_server.served_table import ServedTable
 from embedding_server.table_store import StoreError, open_version, plan_version
 from embedding_server.versions import VersionRegistry
 from modelpack.int4 import dequantize_rows
@@ -86,24 +87,28 @@ def test_a_shard_spanning_files_maps_each_part_in_place(store: Path, shard: int,
         assert line.endswith(f"unified/shard-{s.file}-of-4.bin") and line.split()[1].startswith("r--s"), line
         assert s.kernel.weights.data_ptr() == s.weights.data_ptr()
     rows = np.concatenate([np.arange(lo, hi), np.random.default_rng(shard).integers(lo, hi, 500)])
+    _check_lookups(store, t, rows)
+    for s in t.segments:  # a request whose rows all lie in one file
+        _check_lookups(store, t, rows[(rows >= s.start) & (rows < s.stop)])
+
+
+def _check_lookups(store: Path, t: ServedTable, rows: np.ndarray) -> None:
+    """Packed, dequantized and pooled (sum and mean, empty bags) rows equal the v4 files'."""
     want = _file_rows(store, "v4", "unified", 4, rows)
     assert np.array_equal(t.gather(rows), want)
     vals = dequantize_rows(want, 16).astype(np.float64)
-    got = t.lookup(rows, None, "sum", "fp32").double().numpy()
-    assert np.allclose(got, vals, rtol=1e-6, atol=1e-5)
-    # Bags over every segment, empty ones included, pooled by the server: sum and mean.
     lengths = np.array([0, 7, 1, 0, rows.size - 9, 1, 0])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for pooling in ("sum", "mean"):
+    pooled = np.stack([vals[a:b].sum(0) if b > a else np.zeros(16) for a, b in itertools.pairwise(offsets)])
+    for pooling, off, expect in (("sum", None, vals), ("sum", offsets, pooled),
+                                 ("mean", offsets, pooled / np.maximum(lengths, 1)[:, None])):
         for output in ("fp16", "fp32"):
-            got = t.lookup(rows, torch.from_numpy(offsets), pooling, output).double().numpy()
-            want_p = np.stack([vals[a:b].sum(0) if b > a else np.zeros(16)
-                               for a, b in itertools.pairwise(offsets)])
-            if pooling == "mean":
-                want_p /= np.maximum(lengths, 1)[:, None]
+            got = t.lookup(rows, None if off is None else torch.from_numpy(off), pooling,  # type: ignore[arg-type]
+                           output).double().numpy()
             rel = 2.0**-10 if output == "fp16" else 1e-6
-            assert np.all(np.abs(got - want_p) <= np.abs(want_p) * rel + 1e-5), (pooling, output)
-            assert not got[lengths == 0].any()
+            assert np.all(np.abs(got - expect) <= np.abs(expect) * rel + 1e-5), (pooling, output)
+            if off is not None:
+                assert not got[lengths == 0].any()
 
 
 def test_refusals_name_the_problem(store: Path) -> None:
