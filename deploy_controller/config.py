@@ -57,6 +57,9 @@ class ControllerConfig:
     """Pod label holding the shard index; without it, StatefulSet ordinal mod k8s_num_shards."""
     k8s_num_shards: int = 0
     """Number of shards when the index comes from the pod ordinal (0 = use the label only)."""
+    k8s_desired_configmap: str = ""
+    """ConfigMap (in k8s_namespace) the desired state is also written to, key
+    desired-state.json, for shard and ranker pods to mount; empty: the file only."""
     default_canary: tuple[int, ...] = (5, 25, 100)
     """Traffic shares (percent) of the canary steps when a rollout names none."""
     default_bake_s: float = 60.0

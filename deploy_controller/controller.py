@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from deploy_controller import steps
@@ -40,6 +40,14 @@ class ControllerError(Exception):
         self.message = message
 
 
+def _configmap(cfg: ControllerConfig) -> Callable[[str], None] | None:
+    if cfg.discovery != "kubernetes" or not cfg.k8s_desired_configmap:
+        return None
+    from deploy_controller.kube import DesiredConfigMap  # the kubernetes client, only here
+
+    return DesiredConfigMap(cfg)
+
+
 class Controller:
     def __init__(self, cfg: ControllerConfig, journal: Journal, fleet: Fleet,
                  metrics: ControllerMetrics | None = None, executor: Executor | None = None
@@ -48,11 +56,13 @@ class Controller:
         self.journal = journal
         self.fleet = fleet
         self.metrics = metrics or ControllerMetrics()
-        self.publisher = DesiredPublisher(journal, cfg.desired_state_path(), cfg.store)
+        self.publisher = DesiredPublisher(journal, cfg.desired_state_path(), cfg.store,
+                                          _configmap(cfg))
         self.executor = executor or Executor(journal, fleet, cfg, self.metrics,
                                              publisher=self.publisher)
         self.reconciler = Reconciler(fleet, lambda: self.publisher.models, self.executor.lock,
-                                     self.metrics, cfg.reconcile_interval_s)
+                                     self.metrics, cfg.reconcile_interval_s,
+                                     refresh=self.publisher.publish)
         self._tasks: dict[str, asyncio.Task[Rollout]] = {}
 
     # ------------------------------------------------------------------ lifecycle

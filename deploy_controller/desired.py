@@ -7,7 +7,9 @@ the split is the one the last finished SHIFT set. Retire and rollback drop the v
 going away at once: a server that restarts then need not load it again.
 
 `DesiredPublisher.publish()` recomputes every model that has a rollout in the journal
-and rewrites the file when something changed. Models the journal has never seen keep
+and rewrites the file (and, on Kubernetes, the ConfigMap the pods mount) when something
+changed or the last write failed; the reconcile loop calls it every pass, so a failed
+write is retried within seconds. Models the journal has never seen keep
 whatever the file says (a controller started on a fresh journal does not erase them),
 so the file, not the journal, is what servers trust.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy_controller.journal import Journal, Rollout
@@ -73,10 +76,12 @@ def target(r: Rollout) -> tuple[str, tuple[str, ...], dict[str, float]]:
 class DesiredPublisher:
     """Keeps the desired-state file in step with the journal."""
 
-    def __init__(self, journal: Journal, path: Path, store: Path | None) -> None:
+    def __init__(self, journal: Journal, path: Path, store: Path | None,
+                 mirror: Callable[[str], None] | None = None) -> None:
         self.journal = journal
         self.path = path
         self.store = store
+        self.mirror = mirror  # also written there (kube.DesiredConfigMap); OSError = failed
         self.models: dict[str, DesiredModel] = {}  # what the journal implies, by model
         self.error: str | None = None
 
@@ -126,11 +131,13 @@ class DesiredPublisher:
                 log.info("desired state of %s: active %s, versions %s, split %s (rollout %s, "
                          "seq %d)", model, active, list(versions), split, r.id, want.seq)
             self.models[model] = want
-        if changed:
+        if changed or self.error is not None:  # a failed write is retried on the next call
             try:
                 desired.write(self.path, merged)
+                if self.mirror is not None:
+                    self.mirror(desired.dumps(merged))
                 self.error = None
             except OSError as e:
-                self.error = f"cannot write {self.path}: {e}"
-                log.error("desired state: %s", self.error)
+                self.error = f"cannot write the desired state: {e}"
+                log.error("%s", self.error)
         return dict(self.models)

@@ -21,10 +21,20 @@ POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 _ORDINAL = re.compile(r"-(\d+)$")
 
 
+DESIRED_KEY = "desired-state.json"
+
+
 class PodLister(Protocol):
     """The one call of kubernetes.client.CoreV1Api that discovery uses."""
 
     def list_namespaced_pod(self, namespace: str, **kwargs: Any) -> Any: ...
+
+
+class ConfigMapPatcher(Protocol):
+    """The one call of kubernetes.client.CoreV1Api that the desired-state mirror uses."""
+
+    def patch_namespaced_config_map(self, name: str, namespace: str, body: Any,
+                                    **kwargs: Any) -> Any: ...
 
 
 def pod_ready(pod: Any) -> bool:
@@ -86,6 +96,24 @@ def _core_api() -> PodLister:
         config.load_kube_config()  # type: ignore[no-untyped-call]
     api: PodLister = client.CoreV1Api()  # type: ignore[assignment]  # keyword-only subset
     return api
+
+
+class DesiredConfigMap:
+    """Mirrors the desired-state document into a ConfigMap that shard and ranker pods mount
+    (optional: true), so a pod restarted on any node reads what the fleet serves."""
+
+    def __init__(self, cfg: ControllerConfig, api: ConfigMapPatcher | None = None) -> None:
+        self.name, self.namespace = cfg.k8s_desired_configmap, cfg.k8s_namespace
+        self._api: ConfigMapPatcher = api if api is not None else _core_api()  # type: ignore[assignment]
+
+    def __call__(self, document: str) -> None:
+        """Write it; raises OSError so the publisher reports and retries it like the file."""
+        try:
+            self._api.patch_namespaced_config_map(
+                self.name, self.namespace, {"data": {DESIRED_KEY: document}},
+                _request_timeout=5)
+        except Exception as e:  # ApiException, connection errors
+            raise OSError(f"ConfigMap {self.namespace}/{self.name}: {e}") from None
 
 
 class KubernetesDiscovery:

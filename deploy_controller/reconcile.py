@@ -55,9 +55,10 @@ def _split_is(st: RankerStatus, want: dict[str, float]) -> bool:
 class Reconciler:
     def __init__(self, fleet: Fleet, desired: Callable[[], dict[str, DesiredModel]],
                  locks: Callable[[str], asyncio.Lock], metrics: ControllerMetrics,
-                 interval_s: float) -> None:
+                 interval_s: float, refresh: Callable[[], object] | None = None) -> None:
         self.fleet = fleet
         self.desired = desired
+        self.refresh = refresh  # called first in every pass (retries a failed publish)
         self.locks = locks
         self.metrics = metrics
         self.interval_s = interval_s
@@ -93,6 +94,8 @@ class Reconciler:
     async def run_once(self) -> Pass:
         p = Pass(at=time.time())
         t0 = time.monotonic()
+        if self.refresh is not None:
+            self.refresh()
         wanted = self.desired()
         if wanted:
             try:

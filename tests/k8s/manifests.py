@@ -107,6 +107,13 @@ def of_kind(objs: list[Obj], kind: str) -> list[Obj]:
     return [o for o in objs if o["kind"] == kind]
 
 
+def shared_config(objs: list[Obj]) -> Obj:
+    """The generated ConfigMap every pod agrees on (hybrid-serving-config-<hash>)."""
+    (cm,) = [o for o in of_kind(objs, "ConfigMap")
+             if o["metadata"]["name"].startswith("hybrid-serving-config")]
+    return cm
+
+
 def named(objs: list[Obj], kind: str, name: str) -> Obj:
     found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} {name!r}, found {len(found)}"

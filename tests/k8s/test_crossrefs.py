@@ -25,6 +25,7 @@ from tests.k8s.manifests import (
     resolve_env,
     resolve_port,
     selector_matches,
+    shared_config,
     template,
     workloads,
 )
@@ -39,8 +40,7 @@ def by_component(objs: list[Obj], component: str) -> list[Obj]:
 
 
 def num_shards(objs: list[Obj]) -> int:
-    (cm,) = of_kind(objs, "ConfigMap")
-    return int(cm["data"]["NUM_SHARDS"])
+    return int(shared_config(objs)["data"]["NUM_SHARDS"])
 
 
 # ---------------------------------------------------------------- workloads and Services
@@ -129,6 +129,8 @@ def test_references_resolve(objs: list[Obj], overlay: str) -> None:
                 assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in present
             if "secret" in v and ("Secret", v["secret"]["secretName"]) not in present:
                 external.add(v["secret"]["secretName"])
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in present, v
         for c in containers(w):
             env = resolve_env(objs, w, c)  # fails on a missing ConfigMap, Secret or key
             # $(VAR) expands only names defined EARLIER in the list (and patches reorder it).
@@ -169,7 +171,7 @@ def test_model_store_is_read_only_for_servers(objs: list[Obj]) -> None:
 
 # ---------------------------------------------------------------- RBAC
 
-def test_controller_may_list_pods_and_nothing_else(objs: list[Obj]) -> None:
+def test_controller_may_list_pods_and_write_the_desired_state_only(objs: list[Obj]) -> None:
     ns = namespace_of(objs)
     (ctl,) = by_component(objs, "deploy-controller")
     spec = template(ctl)["spec"]
@@ -181,9 +183,14 @@ def test_controller_may_list_pods_and_nothing_else(objs: list[Obj]) -> None:
     assert len(bindings) == 1
     role = named(objs, bindings[0]["roleRef"]["kind"], bindings[0]["roleRef"]["name"])
     assert role["kind"] == "Role", "namespaced access only"
-    (rule,) = role["rules"]
+    rule, desired = role["rules"]
     assert rule["apiGroups"] == [""] and rule["resources"] == ["pods"]
     assert {"list"} <= set(rule["verbs"]) <= {"get", "list", "watch"}
+    # Writes: the one desired-state ConfigMap, nothing else (not even other ConfigMaps).
+    assert desired["apiGroups"] == [""] and desired["resources"] == ["configmaps"]
+    assert desired["resourceNames"] == ["hybrid-serving-desired-state"]
+    assert set(desired["verbs"]) == {"get", "patch"}
+    named(objs, "ConfigMap", "hybrid-serving-desired-state")
     assert not of_kind(objs, "ClusterRole") and not of_kind(objs, "ClusterRoleBinding")
     for w in workloads(objs):
         if w is not ctl:

@@ -24,6 +24,7 @@ from tests.k8s.manifests import (
     containers,
     expanded_args,
     iter_probes,
+    mounts,
     named,
     namespace_of,
     of_kind,
@@ -33,6 +34,7 @@ from tests.k8s.manifests import (
     quantity_cores,
     resolve_env,
     resolve_port,
+    shared_config,
     template,
     workloads,
 )
@@ -46,9 +48,17 @@ def by_component(objs: list[Obj], component: str) -> list[Obj]:
 
 
 def config_map(objs: list[Obj]) -> dict[str, str]:
-    (cm,) = of_kind(objs, "ConfigMap")
-    data: dict[str, str] = cm["data"]
+    data: dict[str, str] = shared_config(objs)["data"]
     return data
+
+
+def desired_state_mount(root: ScratchRoot, path: Path | None) -> None:
+    """The server reads the desired state from the controller's ConfigMap, mounted read-only."""
+    assert path is not None
+    m = root.mount_of(str(path).replace(str(root.root), "", 1))
+    assert m is not None and m.read_only, path
+    assert m.volume["configMap"] == {"name": "hybrid-serving-desired-state", "optional": True}
+    assert path.name == "desired-state.json"  # the key the controller writes (kube.DESIRED_KEY)
 
 
 def serves_get(app: Any, path: str) -> bool:
@@ -122,6 +132,7 @@ def test_shard_flags(objs: list[Obj], shard_configs: list[tuple[Obj, Any, Scratc
         assert cfg.admin_token == expected_fleet_token(objs), "admin RPCs need the fleet token"
         store_mount = root.mount_of(str(cfg.store).replace(str(root.root), "", 1))
         assert store_mount is not None and store_mount.pvc == "model-store" and store_mount.read_only
+        desired_state_mount(root, cfg.desired_state)
 
 
 def test_shard_memory_and_cpu(shard_configs: list[tuple[Obj, Any, ScratchRoot]]) -> None:
@@ -214,6 +225,10 @@ def test_ranker_config(objs: list[Obj], overlay: str,
     assert cfg.embedding_shards == tuple((t,) for t in env["RANKER_EMBEDDING_SHARDS"].split(","))
     assert all(t[0].startswith("dns:///") for t in cfg.embedding_shards), "round_robin over DNS"
     assert cfg.admin_token() == expected_fleet_token(objs), "the controller calls /admin with it"
+    (m,) = [m for m in mounts(dep, c) if env["RANKER_DESIRED_STATE"].startswith(m.path + "/")]
+    assert m.read_only and m.volume["configMap"] == {"name": "hybrid-serving-desired-state",
+                                                     "optional": True}
+    assert cfg.desired_state is not None and cfg.desired_state.name == "desired-state.json"
 
 
 def test_ranker_probes_and_drain(ranker_config: tuple[Obj, Any, dict[str, str]]) -> None:
@@ -274,6 +289,8 @@ def test_controller_discovery_flags(objs: list[Obj],
     assert cfg.k8s_num_shards == int(config_map(objs)["NUM_SHARDS"]) == len(shards)
     assert token_in(cfg.fleet_token_file) == expected_fleet_token(objs)
     assert token_in(cfg.admin_token_file)
+    assert cfg.k8s_desired_configmap == "hybrid-serving-desired-state"
+    assert cfg.reconcile_interval_s > 0
 
 
 def test_controller_storage(controller_config: tuple[Obj, Any, ScratchRoot]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from deploy_controller.desired import DesiredPublisher, target
 from deploy_controller.executor import Executor
 from deploy_controller.fake import FakeFleet, _Ranker
 from deploy_controller.journal import Journal
+from deploy_controller.kube import DESIRED_KEY, DesiredConfigMap
 from deploy_controller.metrics import ControllerMetrics
 from deploy_controller.reconcile import Reconciler
 from deploy_controller.state import Kind, Step, plan
@@ -23,7 +25,7 @@ from modelpack import desired
 from modelpack.desired import DesiredModel, DesiredStateError
 from ranker_server.config import RankerConfig
 from ranker_server.lifecycle import startup_plan
-from tests.unit.controller_helpers import FAST
+from tests.unit.controller_helpers import FAST, MakeConfig
 
 
 def test_target_holds_the_new_version_only_once_every_shard_loaded_it(tmp_path: Path) -> None:
@@ -221,3 +223,37 @@ def test_deployctl_refuses_bad_numbers_as_usage_errors(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- Kubernetes mirror
+
+
+class _Api:
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.bodies: list[tuple[str, str, Any]] = []
+
+    def patch_namespaced_config_map(self, name: str, namespace: str, body: Any,
+                                    **kwargs: Any) -> Any:
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("HTTP 403: forbidden")
+        self.bodies.append((name, namespace, body))
+
+
+def test_desired_state_is_mirrored_into_the_configmap_and_retried(
+        tmp_path: Path, controller_config: MakeConfig) -> None:
+    cfg = controller_config(discovery="kubernetes", k8s_namespace="prod",
+                            k8s_desired_configmap="hybrid-serving-desired-state")
+    api = _Api(fail=1)
+    journal = Journal(tmp_path / "j.sqlite")
+    pub = DesiredPublisher(journal, tmp_path / "desired.json", None, DesiredConfigMap(cfg, api))
+    journal.create("m", "v1", "v2", [100], 0.0)
+    pub.publish()
+    assert pub.error is not None and "403" in pub.error and api.bodies == []
+    pub.publish()  # nothing changed, but the last write failed: written again
+    assert pub.error is None
+    ((name, ns, body),) = api.bodies
+    assert (name, ns) == ("hybrid-serving-desired-state", "prod")
+    assert desired.parse(json.loads(body["data"][DESIRED_KEY]))["m"].active == "v1"
+    assert body["data"][DESIRED_KEY] == (tmp_path / "desired.json").read_text()
