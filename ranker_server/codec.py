@@ -56,24 +56,26 @@ def body_kind(content_type: str) -> BodyKind:
     return "protobuf" if ctype in PROTOBUF_TYPES else "json"
 
 
-def parse_body(body: bytes, kind: BodyKind) -> ParsedBody:
-    """Read the body and check its envelope: 400 if unreadable, 422 naming a bad field."""
+def parse_body(body: bytes, kind: BodyKind, max_json_bytes: int = MAX_JSON_BODY_BYTES
+               ) -> ParsedBody:
+    """Read the body and check its envelope: 400 if unreadable, 413 if JSON past
+    `max_json_bytes`, 422 naming a bad field."""
     try:
         if kind == "protobuf":
             msg = _protobuf(body)
             timeout = msg.timeout_ms if msg.timeout_ms > 0 else None  # <= 0: server default
             return ParsedBody(kind, Envelope.checked(msg.request_id, msg.model, None, timeout),
                               msg)
-        obj = _json(body)
+        obj = _json(body, max_json_bytes)
         return ParsedBody(kind, parse_envelope(obj), obj)
     except RequestError as e:
         raise _invalid(e) from None
 
 
-def _json(body: bytes) -> Any:
-    if len(body) > MAX_JSON_BODY_BYTES:  # refused unparsed: see MAX_JSON_BODY_BYTES
+def _json(body: bytes, limit: int) -> Any:
+    if len(body) > limit:  # refused unparsed: see MAX_JSON_BODY_BYTES
         raise RankError(413, "body_too_large", f"body: {len(body)} bytes of JSON, at most "
-                        f"{MAX_JSON_BODY_BYTES}; send bigger requests as protobuf "
+                        f"{limit}; send bigger requests as protobuf "
                         f"(content-type: {PROTOBUF_TYPES[0]})", field="body")
     try:
         return json.loads(body)
