@@ -69,9 +69,7 @@ class ServedTable:
 
     def _only_segment(self, rows: npt.NDArray[np.int64]) -> Segment | None:
         """The segment holding all of `rows`, if one does (always, for a range inside one file)."""
-        if len(self.segments) == 1:
-            return self.segments[0]
-        if not rows.size:
+        if len(self.segments) == 1 or not rows.size:
             return self.segments[0]
         # Two reductions spare a request whose rows happen to share a file the routing
         # (split_rows: ~0.1-0.4 ms for 8k rows, a stable argsort).
@@ -115,7 +113,7 @@ class ServedTable:
                                                  "sum", output).numpy()
             return torch.from_numpy(out)
         bags = int(offsets.numel()) - 1
-        bag = np.searchsorted(offsets.numpy(), np.arange(rows.size), side="right") - 1
+        bag = np.repeat(np.arange(bags), np.diff(offsets.numpy()))  # each row's bag
         total = torch.zeros((bags, self.spec.dim), dtype=torch.float32)
         for k, pos in enumerate(parts):
             if pos.size:
