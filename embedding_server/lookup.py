@@ -45,11 +45,6 @@ def _int64s(table: str, field: str, raw: bytes) -> npt.NDArray[np.int64]:
     return np.frombuffer(raw, dtype=_I64)
 
 
-def count_rows(req: pb.LookupRequest) -> int:
-    """Total rows requested over all groups (from byte lengths; nothing parsed)."""
-    return sum(len(t.rows) // 8 for t in req.tables)
-
-
 def _check_rows(t: ServedTable, name: str, rows: npt.NDArray[np.int64], shard: int,
                 num_shards: int) -> None:
     if rows.size and (int(rows.min()) < t.start or int(rows.max()) >= t.stop):
