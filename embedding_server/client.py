@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelpack.hashing import shard_bounds
-from modelpack.lookup import TableQuery, split_rows
+from modelpack.lookup import DRAINING_METADATA, TableQuery, split_rows
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pb_grpc
 
@@ -147,11 +147,15 @@ class EmbeddingClient:
                 return resp
             except grpc.aio.AioRpcError as e:
                 attempt += 1
-                # UNAVAILABLE: the replica is down or draining; round_robin moves on.
+                # UNAVAILABLE: the replica is down or draining; round_robin moves on. A draining
+                # replica answered, so a sibling may well be up: retry until the deadline. One that
+                # cannot be reached gets a few quick tries, so a shard with no live replica fails
+                # in milliseconds instead of at the deadline.
                 now = time.monotonic()
-                if (e.code() == grpc.StatusCode.UNAVAILABLE and attempt < RETRY_ATTEMPTS
-                        and now - start < RETRY_BUDGET_S and now < deadline):
-                    await asyncio.sleep(0.005 * attempt)
+                draining = DRAINING_METADATA in tuple(e.trailing_metadata() or ())
+                if e.code() == grpc.StatusCode.UNAVAILABLE and now < deadline and (
+                        draining or (attempt < RETRY_ATTEMPTS and now - start < RETRY_BUDGET_S)):
+                    await asyncio.sleep(min(0.005 * attempt, 0.02))
                     continue
                 tried = f" (after {attempt} attempts in {(now - start) * 1000:.0f} ms)" if attempt > 1 else ""
                 raise EmbeddingLookupError(f"shard {k}: {e.code().name}: {e.details()}{tried}",

@@ -25,6 +25,7 @@ from embedding_server.lookup import run_lookup
 from embedding_server.metrics import Metrics
 from embedding_server.peers import Peers, merge_version_lists
 from embedding_server.versions import Entry, VersionRegistry
+from modelpack.lookup import DRAINING_METADATA
 from modelpack.schema import SchemaError, check_name
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
@@ -76,6 +77,7 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
         except ServiceError as e:
             self._abort(context, e)
         if self.draining:
+            context.set_trailing_metadata((DRAINING_METADATA,))
             self._abort(context, ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
                 "embedding server is shutting down (SIGTERM); retry on another replica"))

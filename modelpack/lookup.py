@@ -15,6 +15,11 @@ import numpy.typing as npt
 
 from modelpack.hashing import shard_bounds, shard_index
 
+_SCAN_PARTS = 8
+# Trailing metadata of a replica's UNAVAILABLE while it drains after SIGTERM: "I am going
+# away, a sibling can answer". Clients keep retrying on it up to their deadline, whereas a
+# replica that cannot be reached at all is given up on within milliseconds.
+DRAINING_METADATA = ("x-embedding-draining", "1")
 # Packed INT4 rows, one per looked-up row: uint8 (rows, 4 + dim/2) in FBGEMM's TBE layout.
 Packed = npt.NDArray[np.uint8]
 
@@ -40,10 +45,13 @@ def split_rows(rows: npt.NDArray[np.int64], bounds: npt.NDArray[np.int64]
                ) -> list[npt.NDArray[np.int64]]:
     """Per shard (of `bounds`), the positions in `rows` it holds, ascending (bag order kept)."""
     shard = shard_index(rows, bounds)
+    parts = bounds.size - 1
+    if parts <= _SCAN_PARTS:  # a linear scan per part beats the sort (56 vs 221 µs, 8192 rows, 2 parts)
+        return [np.flatnonzero(shard == k).astype(np.int64, copy=False) for k in range(parts)]
     order = np.argsort(shard, kind="stable")
     starts = np.zeros(bounds.size, dtype=np.int64)
-    np.cumsum(np.bincount(shard, minlength=bounds.size - 1), out=starts[1:])
-    return [order[starts[k]:starts[k + 1]].astype(np.int64) for k in range(bounds.size - 1)]
+    np.cumsum(np.bincount(shard, minlength=parts), out=starts[1:])
+    return [order[starts[k]:starts[k + 1]].astype(np.int64) for k in range(parts)]
 
 
 def gather_rows(rows: npt.NDArray[np.int64], num_rows: int, num_parts: int, width: int,

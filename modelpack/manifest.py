@@ -228,10 +228,14 @@ def sha256_file(path: Path) -> tuple[int, str]:
     """(size, sha256 hex) of a file, read in chunks (never whole into memory)."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
+    # One buffer, reused: a fresh 8 MiB bytes per read stays in the allocator's arenas and
+    # shows up as private memory of the server that verified the files.
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(view):
+            h.update(view[:n])
+            size += n
     return size, h.hexdigest()
 
 
