@@ -2,12 +2,15 @@
 
 `make up` starts the fleet detached and exits; `make down` runs in another process.
 stack.json names every process by pid *and* kernel start time, so `down` never signals
-a process that merely reuses a recorded pid.
+a process that merely reuses a recorded pid. A server restarted by hand with its original
+command line is not in stack.json, but its `--port-file` still lies in the run directory:
+`down` finds such processes in /proc and stops them too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -46,6 +49,31 @@ def still_running(proc: dict[str, Any]) -> bool:
     return st is not None and st[0] != "Z" and st[1] == proc.get("start_time")
 
 
+def _port_file(pid: int) -> Path | None:
+    """The absolute --port-file a process was started with, None if it has none (or is gone)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        if flag == b"--port-file":
+            return (cwd / os.fsdecode(value)).resolve()
+    return None
+
+
+def strays(run_dir: Path, known: set[int]) -> list[int]:
+    """Pids not in `known` whose --port-file lies in `run_dir`: servers restarted by hand."""
+    here = run_dir.resolve()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in known and int(entry.name) != os.getpid():
+            port_file = _port_file(int(entry.name))
+            if port_file is not None and port_file.parent == here:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
 def read_state(run_dir: Path) -> dict[str, Any] | None:
     """The recorded stack if any of its processes still runs, else None."""
     path = run_dir / STATE_FILE
@@ -63,6 +91,11 @@ def down(run_dir: Path, timeout: float = 20.0) -> int:
         return 0
     state: dict[str, Any] = json.loads(state_path.read_text())
     procs = [p for p in reversed(state["processes"]) if still_running(p)]
+    for pid in strays(run_dir, {int(p["pid"]) for p in state["processes"]}):
+        port_file = _port_file(pid)
+        name = port_file.stem if port_file is not None else "server"
+        procs.append({"name": f"{name} (restarted by hand)", "pid": pid,
+                      "start_time": process_start(pid)})
     if not procs:
         print(f"no process of the stack recorded in {state_path} is still running")
     for p in procs:

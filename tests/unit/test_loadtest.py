@@ -13,7 +13,10 @@ import io
 import json
 import math
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -46,7 +49,7 @@ from loadtest.locust.served import (
 )
 from loadtest.stack.commands import fleet_json, ranker_args, shard_args
 from loadtest.stack.local import StackConfig
-from loadtest.stack.state import env_text, process_start, still_running
+from loadtest.stack.state import STATE_FILE, down, env_text, process_start, still_running, strays
 from modelpack.train import auc as reference_auc
 
 
@@ -317,3 +320,29 @@ def test_open_loop_latency_counts_from_the_schedule() -> None:
     assert max(res.latency_s) >= 0.45 and min(res.latency_s) >= 0.05
     assert all(lat >= svc for lat, svc in zip(res.latency_s, res.service_s, strict=True))
     assert percentiles(res.ok_latencies())["max_ms"] >= 450
+
+
+def test_down_stops_a_server_restarted_by_hand(tmp_path: Path) -> None:
+    """Issue 11: `make down` missed processes restarted with their command line after `up`."""
+    run_dir = tmp_path / "stack"
+    run_dir.mkdir()
+    token_dir = tmp_path / "token"
+    token_dir.mkdir()
+    # A process that stands in for a shard restarted by hand: same --port-file, new pid.
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", "--port-file",
+            str(run_dir / "shard0.port")]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--port-file",
+                              str(tmp_path / "elsewhere.port")])
+    stray = subprocess.Popen(argv, cwd=tmp_path)
+    try:
+        (run_dir / STATE_FILE).write_text(json.dumps({
+            "token_dir": str(token_dir),
+            "processes": [{"name": "shard0", "pid": 2**22 + 7, "start_time": "0"}]}))
+        assert strays(run_dir, set()) == [stray.pid]
+        assert down(run_dir, timeout=5) == 1
+        assert stray.wait(timeout=5) == -signal.SIGTERM
+        assert other.poll() is None  # a --port-file elsewhere is not ours
+    finally:
+        for p in (stray, other):
+            p.kill()
+            p.wait()
