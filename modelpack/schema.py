@@ -146,13 +146,15 @@ def validate_schema(schema: FeatureSchema, tables: list[TableSpec]) -> None:
             raise SchemaError(f"table {t.name!r}: only dtype 'int4' is supported, got {t.dtype!r}")
     if not schema.sparse:
         raise SchemaError("feature schema has no sparse features")
+    features: list[SparseFeature | DenseFeature] = [*schema.sparse, *schema.dense]
+    for f in features:
+        check_name("feature", f.name)
+        if f.name in names:
+            raise SchemaError(f"duplicate feature name {f.name!r}")
+        names.add(f.name)
+        if f.side not in ("user", "candidate"):
+            raise SchemaError(f"feature {f.name!r}: side must be 'user' or 'candidate', got {f.side!r}")
     for sf in schema.sparse:
-        check_name("feature", sf.name)
-        if sf.name in names:
-            raise SchemaError(f"duplicate feature name {sf.name!r}")
-        names.add(sf.name)
-        if sf.side not in ("user", "candidate"):
-            raise SchemaError(f"feature {sf.name!r}: side must be 'user' or 'candidate', got {sf.side!r}")
         if sf.table not in table_names:
             raise SchemaError(f"feature {sf.name!r} refers to unknown table {sf.table!r}")
         if sf.pooling not in ("sum", "mean"):
@@ -163,12 +165,6 @@ def validate_schema(schema: FeatureSchema, tables: list[TableSpec]) -> None:
                 f"for multi-valued features, got {sf.max_length}"
             )
     for df in schema.dense:
-        check_name("feature", df.name)
-        if df.name in names:
-            raise SchemaError(f"duplicate feature name {df.name!r}")
-        names.add(df.name)
-        if df.side not in ("user", "candidate"):
-            raise SchemaError(f"feature {df.name!r}: side must be 'user' or 'candidate', got {df.side!r}")
         if df.normalization not in ("none", "standard", "log1p_standard"):
             raise SchemaError(f"feature {df.name!r}: unknown normalization {df.normalization!r}")
         if not df.std > 0:
