@@ -29,6 +29,7 @@ import pytest
 from deploy_controller import cli
 from deploy_controller.state import plan
 from tests.stack import AUTH, MODEL, Load, Stack, start_stack
+from tests.unit.controller_helpers import wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -52,16 +53,6 @@ def _rollout(c: httpx.Client, version: str, bake_s: float) -> str:
                                      "bake_s": bake_s}, headers=AUTH)
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
-
-
-def _wait(c: httpx.Client, rid: str, timeout: float = 90.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = c.get(f"/v1/rollouts/{rid}").json()
-        if r["status"] not in ("running", "rolling_back"):
-            return dict(r)
-        time.sleep(0.1)
-    raise AssertionError(f"rollout {rid} did not end in {timeout}s")
 
 
 def _ts(r: dict[str, Any], step: str, event: str) -> float:
@@ -112,7 +103,7 @@ def _failing_rollout(stack: Stack, name: str, version: str, *extra: str) -> dict
     try:
         with Load(stack) as load, httpx.Client(base_url=f"http://{ctl.address}") as c:
             time.sleep(0.5)
-            r = _wait(c, _rollout(c, version, 1.0))
+            r = wait_done(c, _rollout(c, version, 1.0), timeout=90, poll_s=0.1)
             time.sleep(0.5)
     finally:
         ctl.stop()
@@ -175,7 +166,7 @@ def test_r3_sigkill_at_step_boundaries_resumes_or_rolls_back(stack: Stack) -> No
             ctl = stack.controller(f"ctl_r3_{i}_restart", journal, *extra).start().wait_ready()
             try:
                 with httpx.Client(base_url=f"http://{ctl.address}") as c:
-                    r = _wait(c, rid)
+                    r = wait_done(c, rid, timeout=90, poll_s=0.1)
             finally:
                 ctl.stop()
             decisions = [e["detail"]["decision"] for e in r["events"] if e["event"] == "recover"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from deploy_controller.config import ControllerConfig
 from deploy_controller.executor import Executor
@@ -61,3 +63,18 @@ def assert_serving_only(h: Harness, version: str, gone: str) -> None:
         assert held[version].state == "ready"
     assert not h.fleet.held(gone), f"{gone} should be unloaded everywhere"
 
+
+
+class _Getter(Protocol):
+    def get(self, url: str) -> Any: ...
+
+
+def wait_done(c: _Getter, rid: str, timeout: float = 10.0, poll_s: float = 0.01) -> dict[str, Any]:
+    """Poll the controller's API (httpx or TestClient) until the rollout ends; its JSON."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = c.get(f"/v1/rollouts/{rid}").json()
+        if r["status"] not in ("running", "rolling_back"):
+            return dict(r)
+        time.sleep(poll_s)
+    raise AssertionError(f"rollout {rid} did not end in {timeout} s")

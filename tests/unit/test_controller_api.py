@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from deploy_controller.app import build_app
 from deploy_controller.config import ConfigError, ControllerConfig
 from deploy_controller.fake import FakeFleet
-from tests.unit.controller_helpers import AUTH, MakeConfig
+from tests.unit.controller_helpers import AUTH, MakeConfig, wait_done
 
 
 @pytest.fixture
@@ -25,16 +25,6 @@ def fleet() -> FakeFleet:
 def client(controller_config: MakeConfig, fleet: FakeFleet) -> Iterator[TestClient]:
     with TestClient(build_app(controller_config(), fleet=fleet)) as c:
         yield c
-
-
-def wait_done(c: TestClient, rid: str, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = c.get(f"/v1/rollouts/{rid}").json()
-        if r["status"] not in ("running", "rolling_back"):
-            return dict(r)
-        time.sleep(0.01)
-    raise AssertionError(f"rollout {rid} did not end")
 
 
 def test_mutating_calls_need_the_token(client: TestClient) -> None:
