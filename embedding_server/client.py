@@ -42,6 +42,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.keepalive_time_ms", 30_000),
+    # A restarted replica comes back on its old address: reconnect within a second, not
+    # after gRPC's default backoff (up to 120 s), so the fleet heals in seconds.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 # UNAVAILABLE is retried this many times, and only this long after the first attempt: a
 # SIGTERM-drained or killed replica's lookups move to a sibling within a few ms, while a

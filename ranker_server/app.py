@@ -53,7 +53,8 @@ class RankerState:
 def _source(config: RankerConfig) -> TableSource:
     if config.local_tables:
         return LocalTables(config.store)
-    return RemoteTables(config.embedding_shards, config.prepare_timeout_s)
+    return RemoteTables(config.embedding_shards, config.prepare_timeout_s,
+                        lookup_token=config.embedding_token())
 
 
 def _render(request: Request, exc: Exception) -> Response:

@@ -69,6 +69,9 @@ class RankerConfig:
     """If set, the bound port is written here (atomically) once the server accepts requests."""
     admin_token_file: Path | None = None
     """File holding the admin bearer token; without it the admin API answers 403."""
+    embedding_token_file: Path | None = None
+    """File holding the bearer token the embedding shards' Lookup requires (their
+    --lookup-token-file); sent with every lookup. Without it lookups carry no token."""
     max_batch_candidates: int = 4096
     """Upper bound on candidates in one device batch (a single request may fill it alone)."""
     max_batch_wait_ms: float = 1.0
@@ -121,6 +124,9 @@ class RankerConfig:
         require_path(ConfigError, "admin_token_file", self.admin_token_file, "file")
         if self.admin_token_file is not None and not self.admin_token():
             raise ConfigError(f"admin_token_file {str(self.admin_token_file)!r} is empty")
+        require_path(ConfigError, "embedding_token_file", self.embedding_token_file, "file")
+        if self.embedding_token_file is not None and not self.embedding_token():
+            raise ConfigError(f"embedding_token_file {str(self.embedding_token_file)!r} is empty")
         require_at_least(ConfigError, 0, {
             "max_batch_candidates": self.max_batch_candidates, "max_queue": self.max_queue,
             "max_batches_in_flight": self.max_batches_in_flight,
@@ -144,6 +150,12 @@ class RankerConfig:
 
     def admin_token(self) -> str | None:
         """The admin bearer token, or None when the admin API is disabled."""
-        if self.admin_token_file is None:
-            return None
-        return self.admin_token_file.read_text(encoding="utf-8").strip()
+        return _read_token(self.admin_token_file)
+
+    def embedding_token(self) -> str | None:
+        """The token sent with every Lookup, or None."""
+        return _read_token(self.embedding_token_file)
+
+
+def _read_token(path: Path | None) -> str | None:
+    return None if path is None else path.read_text(encoding="utf-8").strip()

@@ -76,8 +76,5 @@ class LocalTables:
         if manifest.version not in self._tables:
             raise PrepareError(f"{manifest.model}/{manifest.version}: local tables not open")
 
-    async def unreachable(self) -> str | None:
-        return None
-
     async def close(self) -> None:
         self._tables.clear()

@@ -8,7 +8,6 @@ version_mismatch (the alarm), never a score.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 
 import grpc
@@ -23,16 +22,15 @@ from ranker_server.versions import LoadedVersion
 
 log = logging.getLogger(__name__)
 _READY = 2  # embedding_pb2.VERSION_STATE_READY, spelled out to keep protos' enum out of types
-_REACHABLE_CACHE_S = 1.0
 
 
 class RemoteTables:
     """Embedding shards behind embedding_server.client: one Lookup per shard per batch."""
 
-    def __init__(self, shards: Sequence[Sequence[str]], prepare_timeout_s: float) -> None:
-        self.client = EmbeddingClient(shards)
+    def __init__(self, shards: Sequence[Sequence[str]], prepare_timeout_s: float, *,
+                 lookup_token: str | None = None) -> None:
+        self.client = EmbeddingClient(shards, lookup_token=lookup_token)
         self.prepare_timeout_s = prepare_timeout_s
-        self._reach: tuple[float, str | None] = (-1.0, None)
 
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
                      timeout_s: float) -> list[Packed]:
@@ -75,19 +73,6 @@ class RemoteTables:
                     raise PrepareError(f"{where} serves {want} with fingerprint "
                                        f"{info.fingerprint}, the ranker's manifest has "
                                        f"{manifest.fingerprint}")
-
-    async def unreachable(self) -> str | None:
-        """None when every shard replica answers ListVersions (cached for a second)."""
-        checked_at, reason = self._reach
-        if time.monotonic() - checked_at < _REACHABLE_CACHE_S:
-            return reason
-        try:
-            await self.client.list_versions(timeout_s=1.0)
-            reason = None
-        except grpc.aio.AioRpcError as e:
-            reason = f"embedding shard unreachable: {e.code().name}: {e.details()}"
-        self._reach = (time.monotonic(), reason)
-        return reason
 
     def open_version(self, manifest: Manifest) -> None:
         return None

@@ -4,7 +4,7 @@ Both sources (RemoteTables in remote_tables.py over the embedding shards, LocalT
 local_tables.py over in-process files) answer `lookup(version, queries, timeout_s)` with
 one uint8 (rows, 4 + dim/2) array per query and raise RankError on failure, so the
 pipeline does not care which it has. `prepare` is the handshake that makes a version
-servable; `unreachable` backs /readyz. No grpc here: the pipeline imports this module.
+servable, and /readyz runs it for every version with traffic. No grpc here: the pipeline imports this module.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ class TableSource(Protocol):
                      timeout_s: float) -> list[Packed]: ...
 
     async def prepare(self, manifest: Manifest) -> None: ...
-
-    async def unreachable(self) -> str | None: ...
 
     def open_version(self, manifest: Manifest) -> None: ...
 
