@@ -18,6 +18,7 @@ import numpy.typing as npt
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from modelpack.httpbody import BodyError, read_capped
 from ranker_server import codec
 from ranker_server.errors import RankError, outcome_of
 from ranker_server.metrics import Metrics
@@ -92,18 +93,10 @@ class _Recorded:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RankError(413, "body_too_large", f"body: {declared} bytes, at most {limit}",
-                        field="body")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RankError(413, "body_too_large", f"body: more than {limit} bytes", field="body")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_capped(request.headers.get("content-length"), request.stream(), limit)
+    except BodyError as e:
+        raise RankError(e.status, "body_too_large", e.message, field="body") from None
 
 
 @router.post("/v1/rank", openapi_extra=_RANK_DOC)
