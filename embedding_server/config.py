@@ -43,14 +43,18 @@ class ServerConfig:
     port: int = 50051
     """gRPC port; 0 picks a free port (printed, and written to port_file)."""
     port_file: Path | None = None
-    """If set, the bound gRPC port (line 1) and metrics port (line 2) are written here,
-    atomically."""
+    """If set, the bound gRPC port (line 1), metrics port (line 2) and `admin=PORT` (with
+    --admin-port) are written here, atomically."""
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port; unset disables it, 0 picks a free port."""
     admin_token_file: Path | None = None
     """File holding the bearer token LoadVersion/UnloadVersion must send as
     'authorization: Bearer <token>'. Without it admin RPCs are refused entirely (versions
     then come only from --preload)."""
+    admin_port: int | None = None
+    """Serve LoadVersion/UnloadVersion on this port only (the data port refuses them with
+    PERMISSION_DENIED; ListVersions stays on both), so a NetworkPolicy can let only the
+    controller reach admin; 0 picks a free port. Unset: admin on --port. Not with --workers."""
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token admin RPCs must present (read from admin_token_file); None disables them."""
     memory_budget_bytes: int = 0
@@ -96,6 +100,12 @@ class ServerConfig:
             raise ConfigError(f"--shard must be in [0, {self.num_shards}), got {self.shard}")
         require_port(ConfigError, "--port", self.port)
         require_port(ConfigError, "--metrics-port", self.metrics_port)
+        require_port(ConfigError, "--admin-port", self.admin_port)
+        if self.admin_port and self.admin_port in (self.port, self.metrics_port):
+            raise ConfigError(f"--admin-port {self.admin_port} is also --port or --metrics-port")
+        if self.admin_port is not None and self.workers > 1:
+            # The workers' admin fan-out goes through each sibling's data server.
+            raise ConfigError(f"--admin-port needs --workers 1, got --workers {self.workers}")
         if self.metrics_port is not None and self.metrics_port == self.port != 0:
             raise ConfigError(f"--metrics-port {self.metrics_port} is also the gRPC --port")
         require_at_least(ConfigError, 0, {"--memory-budget": self.memory_budget_bytes}, strictly=True)

@@ -12,10 +12,13 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 
-def write_port_file(path: Path, port: int, metrics_port: int | None) -> None:
-    """Line 1: gRPC port; line 2 (if metrics are on): metrics port. Written atomically."""
+def write_port_file(path: Path, port: int, metrics_port: int | None,
+                    admin_port: int | None = None) -> None:
+    """Line 1: gRPC port; line 2 (if metrics are on): metrics port; then `admin=PORT` (with
+    --admin-port). Written atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n" + (f"{metrics_port}\n" if metrics_port is not None else ""))
+    tmp.write_text(f"{port}\n" + (f"{metrics_port}\n" if metrics_port is not None else "")
+                   + (f"admin={admin_port}\n" if admin_port is not None else ""))
     os.replace(tmp, path)
 
 

@@ -21,6 +21,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from embedding_server.admin_port import start_admin_server
 from embedding_server.auth import AdminAuth
 from embedding_server.config import ServerConfig
 from embedding_server.desired import read_desired, startup_versions
@@ -86,6 +87,15 @@ def serve(cfg: ServerConfig) -> int:
     except RuntimeError as e:  # grpc raises when it cannot bind
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, e)
         return 1
+    admin: grpc.Server | None = None
+    admin_port: int | None = None
+    if cfg.admin_port is not None:
+        try:  # before the data server starts: it never serves admin RPCs
+            admin, admin_port = start_admin_server(servicer, cfg.host, cfg.admin_port)
+        except RuntimeError as e:
+            log.error("cannot listen on admin port %s:%d: %s", cfg.host, cfg.admin_port, e)
+            return 1
+        log.info("admin RPCs on %s:%d only", cfg.host, admin_port)
     server.start()
     log.info("embedding server shard %d of %d listening on %s:%d (budget %d bytes, admin %s)",
              cfg.shard, cfg.num_shards, cfg.host, port, cfg.memory_budget_bytes,
@@ -106,6 +116,8 @@ def serve(cfg: ServerConfig) -> int:
             if model not in wanted:
                 log.error("preload of %s/%s failed: %s", model, version, err.message)
                 server.stop(0).wait()
+                if admin is not None:
+                    admin.stop(0).wait()
                 return 2
             # Serve what can be served; ListVersions shows it FAILED, the rankers' prepare
             # refuses it and the controller's reconcile loop retries.
@@ -120,12 +132,14 @@ def serve(cfg: ServerConfig) -> int:
     if not stop.is_set():
         _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
         if cfg.port_file is not None:
-            write_port_file(cfg.port_file, port, metrics_port)
+            write_port_file(cfg.port_file, port, metrics_port, admin_port)
         if peers is not None:
             peers.register(private_port)
         log.info("SERVING")
         stop.wait()
 
+    if admin is not None:
+        admin.stop(0)  # no new admin work while draining; a running call is cancelled
     drain(server, servicer, health_servicer, cfg.grace_period_s)
     return 0
 

@@ -50,6 +50,7 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
                  auth: AdminAuth, peers: Peers | None = None) -> None:
         self.cfg, self.versions, self.metrics, self.auth, self.peers = cfg, versions, metrics, auth, peers
         self.lookup_token = LookupToken(cfg.lookup_token())
+        self.admin_port: int | None = None  # bound --admin-port: admin RPCs only there
         self._inflight = 0
         self.draining = False  # set on SIGTERM: new lookups get UNAVAILABLE, running ones finish
         self.last_arrival = 0.0  # time.monotonic() of the latest Lookup call
@@ -155,7 +156,25 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
         except ServiceError as e:
             self._abort(context, e)
 
+    def _refuse_admin_here(self, context: grpc.ServicerContext) -> None:
+        """With --admin-port, this (data port) servicer's admin RPCs answer PERMISSION_DENIED."""
+        if self.admin_port is not None:
+            self._abort(context, ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"admin RPCs are served on port {self.admin_port} only, not the data port"))
+
     def LoadVersion(self, request: pb.LoadVersionRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
+        self._refuse_admin_here(context)
+        return self.load_version(request, context)
+
+    def UnloadVersion(self, request: pb.UnloadVersionRequest, context: grpc.ServicerContext
+                      ) -> pb.VersionInfo:
+        self._refuse_admin_here(context)
+        return self.unload_version(request, context)
+
+    def load_version(self, request: pb.LoadVersionRequest, context: grpc.ServicerContext
+                     ) -> pb.VersionInfo:
+        """LoadVersion itself, wherever it is served (the data port or --admin-port)."""
         def local() -> pb.VersionInfo:
             e = self.versions.load(request.model, request.version)
             self.metrics.set_loaded(e.model, e.version, e.nbytes)
@@ -167,8 +186,9 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
 
         return self._admin(context, run)
 
-    def UnloadVersion(self, request: pb.UnloadVersionRequest, context: grpc.ServicerContext
-                      ) -> pb.VersionInfo:
+    def unload_version(self, request: pb.UnloadVersionRequest, context: grpc.ServicerContext
+                       ) -> pb.VersionInfo:
+        """UnloadVersion itself, wherever it is served."""
         def local() -> pb.VersionInfo:
             timeout = request.drain_timeout_s if request.drain_timeout_s > 0 else self.cfg.drain_timeout_s
             left = _remaining(context)

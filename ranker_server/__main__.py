@@ -22,6 +22,7 @@ from modelpack.configcli import ConfigFlags, Flag
 from ranker_server.app import RankerState, create_app
 from ranker_server.config import ConfigError, RankerConfig, parse_shards
 from ranker_server.device import resolve_device
+from ranker_server.ports import bind
 
 log = logging.getLogger("ranker_server")
 
@@ -52,10 +53,11 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with readiness dropped before the listener closes, and exit 0 after SIGTERM."""
 
     def __init__(self, config: uvicorn.Config, ranker: RankerConfig,
-                 state: list[RankerState]) -> None:
+                 state: list[RankerState], admin_port: int | None = None) -> None:
         super().__init__(config)
         self.ranker = ranker
         self.state = state
+        self.admin_port = admin_port
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Deliberately not uvicorn's: it re-raises the signal after shutdown (exit 143).
@@ -78,10 +80,13 @@ class DrainingServer(uvicorn.Server):
         if self.ranker.port_file is not None and self.servers and not self.should_exit:
             port = self.servers[0].sockets[0].getsockname()[1]
             tmp = self.ranker.port_file.with_name(self.ranker.port_file.name + ".tmp")
-            tmp.write_text(f"{port}\n")
+            admin = f"admin={self.admin_port}\n" if self.admin_port is not None else ""
+            tmp.write_text(f"{port}\n{admin}")
             os.replace(tmp, self.ranker.port_file)
-        log.info("ranker serving %s on http://%s:%s", self.ranker.model, self.ranker.host,
-                 self.servers[0].sockets[0].getsockname()[1] if self.servers else "?")
+        log.info("ranker serving %s on http://%s:%s (admin on port %s)", self.ranker.model,
+                 self.ranker.host,
+                 self.servers[0].sockets[0].getsockname()[1] if self.servers else "?",
+                 self.admin_port if self.admin_port is not None else "the same")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,15 +99,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"ranker-server: error: {e}", file=sys.stderr)
         return 2
+    # Bound here, before the app: the admin gate needs the port 0 resolved to.
+    sockets: list[socket.socket] | None = None
+    admin_port: int | None = None
+    if config.admin_port is not None:
+        try:
+            sockets = [bind(config.host, config.port), bind(config.host, config.admin_port)]
+        except OSError as e:
+            log.error("cannot listen on %s port %d or admin port %d: %s", config.host,
+                      config.port, config.admin_port, e)
+            return 1
+        admin_port = sockets[1].getsockname()[1]
     state: list[RankerState] = []
-    app = create_app(config, state_out=state)
+    app = create_app(config, state_out=state, admin_port=admin_port)
     server = DrainingServer(
         uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                        log_level=config.log_level.lower(), access_log=False,
                        timeout_graceful_shutdown=int(config.drain_timeout_s) or 1,
                        lifespan="on"),
-        config, state)
-    server.run()
+        config, state, admin_port)
+    server.run(sockets)
     if not server.started:
         return 1
     return 0

@@ -21,6 +21,7 @@ from ranker_server.lifecycle import Lifecycle
 from ranker_server.local_tables import LocalTables
 from ranker_server.metrics import Metrics
 from ranker_server.pipeline import Pipeline
+from ranker_server.ports import AdminPortGate
 from ranker_server.remote_tables import RemoteTables
 from ranker_server.sources import TableSource
 from ranker_server.versions import VersionRegistry
@@ -65,8 +66,10 @@ def _render(request: Request, exc: Exception) -> Response:
                     headers=e.headers())
 
 
-def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = None) -> FastAPI:
-    """Build the ranker app; `state_out` receives its RankerState once started (for main/tests)."""
+def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = None,
+               admin_port: int | None = None) -> FastAPI:
+    """Build the ranker app; `state_out` receives its RankerState once started (for main/tests).
+    `admin_port` (the bound --admin-port): admin is answered only on requests to that port."""
     config.validate()
 
     @contextlib.asynccontextmanager
@@ -113,4 +116,6 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
     app.include_router(api.router)
     app.include_router(admin.router)
     app.add_exception_handler(HttpError, _render)
+    if admin_port is not None:
+        app.add_middleware(AdminPortGate, admin_port=admin_port)
     return app

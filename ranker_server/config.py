@@ -66,7 +66,11 @@ class RankerConfig:
     port: int = 8080
     """HTTP port; 0 picks a free one (see port_file)."""
     port_file: Path | None = None
-    """If set, the bound port is written here (atomically) once the server accepts requests."""
+    """If set, the bound port is written here (atomically) once the server accepts requests;
+    with --admin-port, a later line `admin=PORT` names the admin listener's port."""
+    admin_port: int | None = None
+    """Serve /admin/v1/* (with /metrics and /healthz) on this port only, so a NetworkPolicy
+    can let only the controller reach it; 0 picks a free one. Unset: admin on --port."""
     admin_token_file: Path | None = None
     """File holding the admin bearer token; without it the admin API answers 403."""
     embedding_token_file: Path | None = None
@@ -121,6 +125,9 @@ class RankerConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device: must be auto, cuda or cpu, got {self.device!r}")
         require_port(ConfigError, "port", self.port)
+        require_port(ConfigError, "admin_port", self.admin_port)
+        if self.admin_port and self.admin_port == self.port:
+            raise ConfigError(f"admin_port: {self.admin_port} is --port; give another one")
         require_path(ConfigError, "admin_token_file", self.admin_token_file, "file")
         if self.admin_token_file is not None and not self.admin_token():
             raise ConfigError(f"admin_token_file {str(self.admin_token_file)!r} is empty")

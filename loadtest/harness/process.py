@@ -5,7 +5,8 @@
         channel = grpc.insecure_channel(s.address)
 
 The server must accept `--port P --port-file PATH` and write its bound port as the
-first line of PATH once it is ready (an optional second line: its metrics port). P is
+first line of PATH once it is ready (optional later lines: its metrics port, and
+`admin=PORT` when admin is served on a port of its own, `--admin-port`). P is
 0 (the server picks a free port, so nothing races for one) unless `port=` fixes it.
 Several servers start in parallel with `start_all`. Output goes to a log file whose
 tail is put into every failure message, so a crash explains itself. `detach=True`
@@ -52,6 +53,8 @@ class ServerProcess:
         self.port = 0
         """The bound port, known once wait_ready() returned."""
         self.metrics_port: int | None = None
+        self.admin_port: int | None = None
+        """The admin listener's port (`admin=` line), or None when admin shares `port`."""
         self.started_at = 0.0
         """time.monotonic() at start()."""
         self.ready_s = 0.0
@@ -109,9 +112,12 @@ class ServerProcess:
         while True:
             self.check_alive()
             if self.port_file.exists():
-                lines = self.port_file.read_text().split()
+                words = self.port_file.read_text().split()
+                admin = [int(w[6:]) for w in words if w.startswith("admin=")]
+                lines = [w for w in words if not w.startswith("admin=")]
                 self.port = int(lines[0])
                 self.metrics_port = int(lines[1]) if len(lines) > 1 else None
+                self.admin_port = admin[0] if admin else None
                 if self.ready is None or self.ready(self):
                     self.ready_s = time.monotonic() - self.started_at
                     return self

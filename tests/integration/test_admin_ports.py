@@ -1,0 +1,105 @@
+"""--admin-port (issue 11, finding 7): each server serves admin on a port of its own, so a
+NetworkPolicy can let only the controller reach it; the data port refuses admin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from loadtest.harness.probes import grpc_serving, http_ready
+from loadtest.harness.process import ServerProcess
+from protos import embedding_pb2 as pb
+from protos import embedding_pb2_grpc as pbg
+from tests.helpers_store import tiny_request, tiny_version
+
+TOKEN = "adm1n-t0ken"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    tiny_version(root, "v1", shards=1, seed=1)
+    tiny_version(root, "v2", shards=1, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("logs")
+    (root / "token").write_text(TOKEN + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ranker(store: Path, logs: Path) -> Iterator[ServerProcess]:
+    with ServerProcess.module("ranker_server", "--store", str(store), "--model", "tiny",
+                              "--version", "v1", "--device", "cpu", "--local-tables",
+                              "--admin-token-file", str(logs / "token"), "--admin-port", "0",
+                              log_dir=logs, name="ranker", ready=http_ready) as r:
+        yield r
+
+
+def test_ranker_admin_only_on_the_admin_port(ranker: ServerProcess) -> None:
+    assert ranker.admin_port is not None and ranker.admin_port != ranker.port
+    data, admin = f"http://127.0.0.1:{ranker.port}", f"http://127.0.0.1:{ranker.admin_port}"
+    refused = httpx.get(f"{data}/admin/v1/versions", headers=AUTH, timeout=10)
+    assert refused.status_code == 404, refused.text
+    assert str(ranker.admin_port) in refused.json()["detail"]
+    listed = httpx.get(f"{admin}/admin/v1/versions", headers=AUTH, timeout=10)
+    assert listed.status_code == 200, listed.text
+    assert httpx.get(f"{admin}/admin/v1/versions", timeout=10).status_code == 401
+    loaded = httpx.post(f"{admin}/admin/v1/versions", headers=AUTH, json={"version": "v2"},
+                        timeout=30)
+    assert loaded.status_code == 200, loaded.text
+    # The admin listener serves what the controller needs besides admin: /metrics (gates
+    # scrape it) and /healthz; it is not a second data port.
+    assert httpx.get(f"{admin}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{admin}/healthz", timeout=10).status_code == 200
+    assert httpx.post(f"{admin}/v1/rank", json=tiny_request(2), timeout=10).status_code == 404
+    ranked = httpx.post(f"{data}/v1/rank", json=tiny_request(2), timeout=10)
+    assert ranked.status_code == 200, ranked.text
+
+
+@pytest.fixture(scope="module")
+def shard(store: Path, logs: Path) -> Iterator[ServerProcess]:
+    with ServerProcess.module("embedding_server", "--store", str(store), "--preload", "tiny/v1",
+                              "--admin-token-file", str(logs / "token"), "--admin-port", "0",
+                              log_dir=logs, name="shard", ready=grpc_serving) as s:
+        yield s
+
+
+def test_embedding_admin_only_on_the_admin_port(shard: ServerProcess) -> None:
+    assert shard.admin_port is not None and shard.admin_port != shard.port
+    meta = tuple(AUTH.items())
+    with grpc.insecure_channel(f"127.0.0.1:{shard.port}") as data_ch, \
+            grpc.insecure_channel(f"127.0.0.1:{shard.admin_port}") as admin_ch:
+        data, admin = pbg.EmbeddingServiceStub(data_ch), pbg.EmbeddingServiceStub(admin_ch)
+        with pytest.raises(grpc.RpcError) as refused:
+            data.LoadVersion(pb.LoadVersionRequest(model="tiny", version="v2"), metadata=meta,
+                             timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert str(shard.admin_port) in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as refused:
+            data.UnloadVersion(pb.UnloadVersionRequest(model="tiny", version="v1"),
+                               metadata=meta, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        info = admin.LoadVersion(pb.LoadVersionRequest(model="tiny", version="v2"),
+                                 metadata=meta, timeout=30)
+        assert info.version == "v2"
+        for stub in (data, admin):  # rankers' prepare handshake reads it on the data port
+            names = {(v.model, v.version) for v in
+                     stub.ListVersions(pb.ListVersionsRequest(), timeout=10).versions}
+            assert {("tiny", "v1"), ("tiny", "v2")} <= names
+
+
+def test_embedding_admin_port_refuses_workers(store: Path) -> None:
+    from embedding_server.config import ConfigError, config_from_args
+    with pytest.raises(ConfigError, match="--admin-port needs --workers 1"):
+        config_from_args(["--store", str(store), "--workers", "2", "--admin-port", "0"])
+    with pytest.raises(ConfigError, match="--admin-port 7001 is also --port"):
+        config_from_args(["--store", str(store), "--port", "7001", "--admin-port", "7001"])
