@@ -53,6 +53,10 @@ class ControllerConfig:
     """Ranker pods' HTTP port."""
     k8s_shard_port: int = 50051
     """Embedding-shard pods' gRPC port."""
+    k8s_ranker_admin_port: int | None = None
+    """Ranker pods' admin port (their --admin-port); unset: admin on k8s_ranker_port."""
+    k8s_shard_admin_port: int | None = None
+    """Embedding-shard pods' admin port (their --admin-port); unset: admin on k8s_shard_port."""
     k8s_shard_label: str = "hybrid-serving/shard"
     """Pod label holding the shard index; without it, StatefulSet ordinal mod k8s_num_shards."""
     k8s_num_shards: int = 0
@@ -94,6 +98,8 @@ class ControllerConfig:
     def validate(self) -> ControllerConfig:
         """Raise ConfigError naming the first bad value; returns self."""
         require_port(ConfigError, "port", self.port)
+        require_port(ConfigError, "k8s_ranker_admin_port", self.k8s_ranker_admin_port)
+        require_port(ConfigError, "k8s_shard_admin_port", self.k8s_shard_admin_port)
         if self.admin_token_file is None:
             raise ConfigError("admin_token_file is required: mutating calls need a bearer token")
         require_path(ConfigError, "admin_token_file", self.admin_token_file, "file")

@@ -6,6 +6,11 @@ at the next step without a restart:
     {"rankers": ["http://127.0.0.1:8080"],
      "embedding_shards": [["127.0.0.1:50051"], ["127.0.0.1:50052"]]}
 
+A server started with --admin-port is written `{"data": ADDRESS, "admin": ADDRESS}`
+instead of a plain address (a plain one means admin shares the data port). The
+controller only ever calls admin APIs (and the rankers' /metrics, also served on the
+admin listener), so the Topology holds the admin address of every server.
+
 `kubernetes` lists pods by label (deploy_controller/kube.py).
 """
 
@@ -38,14 +43,27 @@ class Discovery(Protocol):
     async def topology(self) -> Topology: ...
 
 
+def _admin_address(entry: object, what: str) -> str:
+    """The address the controller calls: a plain entry, or an entry's "admin" address."""
+    address = entry.get("admin") if isinstance(entry, dict) else entry
+    if isinstance(entry, dict) and (set(entry) - {"data", "admin"}
+                                    or not isinstance(entry.get("data", ""), str)):
+        address = None
+    if not isinstance(address, str) or not address:
+        raise DiscoveryError(f"{what} must be an address or {{\"data\": ADDRESS, "
+                             f"\"admin\": ADDRESS}}, got {entry!r}")
+    return address
+
+
 def parse_topology(raw: object, where: str) -> Topology:
     """Validate a fleet description (the fleet file's shape)."""
     if not isinstance(raw, dict):
         raise DiscoveryError(f"{where}: must be an object with 'rankers' and 'embedding_shards'")
-    rankers = raw.get("rankers")
+    listed = raw.get("rankers")
     shards = raw.get("embedding_shards")
-    if not isinstance(rankers, list) or not all(isinstance(r, str) and r for r in rankers):
-        raise DiscoveryError(f"{where}: 'rankers' must be a list of base URLs, got {rankers!r}")
+    if not isinstance(listed, list):
+        raise DiscoveryError(f"{where}: 'rankers' must be a list of base URLs, got {listed!r}")
+    rankers = [_admin_address(r, f"{where}: ranker {i}") for i, r in enumerate(listed)]
     for r in rankers:
         if not r.startswith(("http://", "https://")):
             raise DiscoveryError(f"{where}: ranker {r!r} must be an http(s):// base URL")
@@ -55,14 +73,13 @@ def parse_topology(raw: object, where: str) -> Topology:
             f"got {shards!r}")
     out: list[tuple[str, ...]] = []
     for k, reps in enumerate(shards):
-        if isinstance(reps, str):
+        if isinstance(reps, (str, dict)):
             reps = [reps]  # one replica may be written without the inner list
-        if not isinstance(reps, list) or not reps or not all(isinstance(a, str) and a
-                                                             for a in reps):
+        if not isinstance(reps, list) or not reps:
             raise DiscoveryError(
                 f"{where}: embedding_shards[{k}] must be a non-empty list of host:port, "
                 f"got {reps!r}")
-        out.append(tuple(reps))
+        out.append(tuple(_admin_address(a, f"{where}: embedding_shards[{k}]") for a in reps))
     if len(set(rankers)) != len(rankers):
         raise DiscoveryError(f"{where}: duplicate ranker URLs")
     return Topology(tuple(rankers), tuple(out))

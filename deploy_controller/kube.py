@@ -1,7 +1,9 @@
 """discovery=kubernetes: the fleet from pods listed by label with the official client.
 
 Only pods that can take work count: phase Running, a pod IP, the Ready condition
-True, and not being deleted. Rankers are `http://<podIP>:<ranker port>`; each
+True, and not being deleted. Every address is the one the controller calls: the pods'
+admin port (k8s_*_admin_port, their --admin-port) when set, else their data port.
+Rankers are `http://<podIP>:<ranker port>`; each
 embedding-shard pod is one replica of the shard named by its shard label, or, without
 that label, of shard `ordinal mod k8s_num_shards` where the ordinal is the StatefulSet
 pod index (label `apps.kubernetes.io/pod-index`, else the name's `-N` suffix). A shard
@@ -68,13 +70,14 @@ def shard_index(pod: Any, cfg: ControllerConfig) -> int:
 
 def topology_from_pods(rankers: list[Any], shards: list[Any], cfg: ControllerConfig) -> Topology:
     """Pure mapping from pod objects to a Topology (unit-tested on recorded objects)."""
-    urls = sorted(f"http://{p.status.pod_ip}:{cfg.k8s_ranker_port}" for p in rankers
-                  if pod_ready(p))
+    ranker_port = cfg.k8s_ranker_admin_port or cfg.k8s_ranker_port
+    shard_port = cfg.k8s_shard_admin_port or cfg.k8s_shard_port
+    urls = sorted(f"http://{p.status.pod_ip}:{ranker_port}" for p in rankers if pod_ready(p))
     by_shard: dict[int, list[str]] = {}
     for p in shards:
         if pod_ready(p):
             by_shard.setdefault(shard_index(p, cfg), []).append(
-                f"{p.status.pod_ip}:{cfg.k8s_shard_port}")
+                f"{p.status.pod_ip}:{shard_port}")
     if not by_shard:
         raise DiscoveryError(f"no ready embedding-shard pods match {cfg.k8s_shard_selector!r} "
                              f"in namespace {cfg.k8s_namespace}")
