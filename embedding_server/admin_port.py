@@ -3,6 +3,8 @@
 It shares the data server's EmbeddingServicer (one registry, one set of metrics), and
 serves LoadVersion/UnloadVersion/ListVersions/CheckFit but not Lookup; the data server
 then refuses the admin RPCs, so a NetworkPolicy on this port isolates exactly admin.
+With --workers every worker listens on the admin port (SO_REUSEPORT), and the private
+port its siblings fan admin calls out to is on this server, not the data one.
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ class AdminServicer(pbg.EmbeddingServiceServicer):
         return self.servicer.CheckFit(request, context)
 
 
-def start_admin_server(servicer: EmbeddingServicer, host: str, port: int) -> tuple[grpc.Server, int]:
+def start_admin_server(servicer: EmbeddingServicer, host: str, port: int, *, worker: bool
+                       ) -> tuple[grpc.Server, int, int]:
     """Bind and start the admin server; from then on the data port refuses admin RPCs.
-    RuntimeError when the port cannot be bound."""
+    Returns (server, admin port, private port for siblings or 0 unless `worker`).
+    RuntimeError when a port cannot be bound."""
     server = grpc.server(ThreadPoolExecutor(max_workers=_ADMIN_THREADS,
                                             thread_name_prefix="admin"),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=[("grpc.so_reuseport", 1 if worker else 0)])
     pbg.add_EmbeddingServiceServicer_to_server(  # type: ignore[no-untyped-call]
         AdminServicer(servicer), server)
     bound = server.add_insecure_port(f"{host}:{port}")
+    private = server.add_insecure_port("127.0.0.1:0") if worker else 0
     server.start()
     servicer.admin_port = bound
-    return server, bound
+    return server, bound, private

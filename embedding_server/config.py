@@ -54,7 +54,8 @@ class ServerConfig:
     admin_port: int | None = None
     """Serve LoadVersion/UnloadVersion on this port only (the data port refuses them with
     PERMISSION_DENIED; ListVersions stays on both), so a NetworkPolicy can let only the
-    controller reach admin; 0 picks a free port. Unset: admin on --port. Not with --workers."""
+    controller reach admin; 0 picks a free port. Unset: admin on --port. With --workers,
+    every worker listens on it (SO_REUSEPORT), like on --port."""
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token admin RPCs must present (read from admin_token_file); None disables them."""
     memory_budget_bytes: int = 0
@@ -103,9 +104,6 @@ class ServerConfig:
         require_port(ConfigError, "--admin-port", self.admin_port)
         if self.admin_port and self.admin_port in (self.port, self.metrics_port):
             raise ConfigError(f"--admin-port {self.admin_port} is also --port or --metrics-port")
-        if self.admin_port is not None and self.workers > 1:
-            # The workers' admin fan-out goes through each sibling's data server.
-            raise ConfigError(f"--admin-port needs --workers 1, got --workers {self.workers}")
         if self.metrics_port is not None and self.metrics_port == self.port != 0:
             raise ConfigError(f"--metrics-port {self.metrics_port} is also the gRPC --port")
         require_at_least(ConfigError, 0, {"--memory-budget": self.memory_budget_bytes}, strictly=True)

@@ -83,7 +83,8 @@ def serve(cfg: ServerConfig) -> int:
     server = build_server(cfg, servicer, health_servicer)
     try:
         port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        private_port = server.add_insecure_port("127.0.0.1:0") if peers is not None else 0
+        private_port = (server.add_insecure_port("127.0.0.1:0")
+                        if peers is not None and cfg.admin_port is None else 0)
     except RuntimeError as e:  # grpc raises when it cannot bind
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, e)
         return 1
@@ -91,11 +92,13 @@ def serve(cfg: ServerConfig) -> int:
     admin_port: int | None = None
     if cfg.admin_port is not None:
         try:  # before the data server starts: it never serves admin RPCs
-            admin, admin_port = start_admin_server(servicer, cfg.host, cfg.admin_port)
+            admin, admin_port, private = start_admin_server(servicer, cfg.host, cfg.admin_port,
+                                                            worker=peers is not None)
         except RuntimeError as e:
             log.error("cannot listen on admin port %s:%d: %s", cfg.host, cfg.admin_port, e)
             return 1
         log.info("admin RPCs on %s:%d only", cfg.host, admin_port)
+        private_port = private or private_port
     server.start()
     log.info("embedding server shard %d of %d listening on %s:%d (budget %d bytes, admin %s)",
              cfg.shard, cfg.num_shards, cfg.host, port, cfg.memory_budget_bytes,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from embedding_server.config import ServerConfig, worker_argv
@@ -78,9 +79,13 @@ def supervise(cfg: ServerConfig) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
     held = reserve_port(cfg.host, cfg.port)
     port = int(held.getsockname()[1])
+    # --admin-port 0 is resolved here too, so that every worker binds the same one.
+    held_admin = reserve_port(cfg.host, cfg.admin_port) if cfg.admin_port is not None else None
+    admin_port = int(held_admin.getsockname()[1]) if held_admin is not None else None
     children: list[subprocess.Popen[bytes]] = []
     try:
-        cmd = [sys.executable, "-m", "embedding_server", *worker_argv(cfg, port, peer_dir)]
+        cmd = [sys.executable, "-m", "embedding_server",
+               *worker_argv(replace(cfg, admin_port=admin_port), port, peer_dir)]
         # No threads run yet in this process, so preexec_fn is safe here.
         children = [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(cfg.workers)]
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -93,6 +98,8 @@ def supervise(cfg: ServerConfig) -> int:
                 return 0 if stop.is_set() and not dead else 1
             time.sleep(0.05)
         held.close()
+        if held_admin is not None:
+            held_admin.close()
         from embedding_server.metrics import multiprocess_registry, serve_metrics
 
         metrics_port = None
@@ -101,7 +108,7 @@ def supervise(cfg: ServerConfig) -> int:
             log.info("merged metrics of %d workers on http://%s:%d/metrics", cfg.workers, cfg.host,
                      metrics_port)
         if cfg.port_file is not None:
-            write_port_file(cfg.port_file, port, metrics_port)
+            write_port_file(cfg.port_file, port, metrics_port, admin_port)
         log.info("%d workers SERVING on %s:%d", cfg.workers, cfg.host, port)
         while not stop.wait(0.2):
             dead = [c for c in children if c.poll() is not None]
@@ -113,6 +120,8 @@ def supervise(cfg: ServerConfig) -> int:
         return 0 if _stop_children(children, cfg.grace_period_s) else 1
     finally:
         held.close()
+        if held_admin is not None:
+            held_admin.close()
         for c in children:
             if c.poll() is None:
                 c.kill()

@@ -97,9 +97,31 @@ def test_embedding_admin_only_on_the_admin_port(shard: ServerProcess) -> None:
             assert {("tiny", "v1"), ("tiny", "v2")} <= names
 
 
-def test_embedding_admin_port_refuses_workers(store: Path) -> None:
+def test_embedding_admin_port_with_workers(store: Path, logs: Path) -> None:
+    """--workers 2: every worker listens on the admin port (SO_REUSEPORT) and an admin call
+    on it reaches both workers (their fan-out goes through their admin servers)."""
+    meta = tuple(AUTH.items())
+    with ServerProcess.module("embedding_server", "--store", str(store), "--preload", "tiny/v1",
+                              "--admin-token-file", str(logs / "token"), "--admin-port", "0",
+                              "--workers", "2", log_dir=logs, name="workers",
+                              ready=grpc_serving) as s:
+        assert s.admin_port is not None and s.admin_port != s.port
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as data_ch, \
+                grpc.insecure_channel(f"127.0.0.1:{s.admin_port}") as admin_ch:
+            data, admin = pbg.EmbeddingServiceStub(data_ch), pbg.EmbeddingServiceStub(admin_ch)
+            with pytest.raises(grpc.RpcError) as refused:
+                data.LoadVersion(pb.LoadVersionRequest(model="tiny", version="v2"),
+                                 metadata=meta, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            admin.LoadVersion(pb.LoadVersionRequest(model="tiny", version="v2"), metadata=meta,
+                              timeout=30)
+            for _ in range(8):  # whichever worker answers, it merged both workers' lists
+                names = {(v.model, v.version) for v in
+                         data.ListVersions(pb.ListVersionsRequest(), timeout=10).versions}
+                assert ("tiny", "v2") in names
+
+
+def test_embedding_admin_port_is_checked(store: Path) -> None:
     from embedding_server.config import ConfigError, config_from_args
-    with pytest.raises(ConfigError, match="--admin-port needs --workers 1"):
-        config_from_args(["--store", str(store), "--workers", "2", "--admin-port", "0"])
     with pytest.raises(ConfigError, match="--admin-port 7001 is also --port"):
         config_from_args(["--store", str(store), "--port", "7001", "--admin-port", "7001"])
