@@ -237,22 +237,50 @@ def test_every_pod_is_under_default_deny(objs: list[Obj]) -> None:
         assert selector_matches(deny["spec"]["podSelector"], pod_labels(w)), w["metadata"]["name"]
 
 
+def _port(objs: list[Obj], component: str, name: str) -> int:
+    """The container port `name` of a component's pods (the same in every workload)."""
+    found = {resolve_port(c, name) for w in by_component(objs, component) for c in containers(w)}
+    (port,) = found
+    assert port is not None, f"{component} declares no {name} port"
+    return port
+
+
 def test_who_reaches_whom(objs: list[Obj]) -> None:
-    """Only rankers and the controller reach the shards' gRPC port (lookups and admin
-    share it); only the controller reaches the rankers among our own pods; nobody of ours
-    reaches the controller (deployctl comes through port-forward or a labelled pod)."""
+    """Only rankers reach the shards' data port; only the controller reaches the admin
+    ports (shards' and rankers'); none of our pods reaches the rankers' data port or the
+    controller (deployctl comes through port-forward or a labelled pod)."""
     pods = {pod_labels(w).get(COMPONENT, "?"): pod_labels(w) for w in workloads(objs)}
     shard = pods["embedding-shard"]
-    grpc = 50051
+    grpc = _port(objs, "embedding-shard", "grpc")
     allowed = {src for src, labels in pods.items() if reachable(objs, labels, shard, grpc)}
-    assert allowed == {"ranker", "deploy-controller"}
-    assert {s for s, lb in pods.items() if reachable(objs, lb, pods["ranker"], 8080)} == {
-        "deploy-controller"}
+    assert allowed == {"ranker"}
+    assert not {s for s, lb in pods.items() if reachable(objs, lb, pods["ranker"], 8080)}
     assert not {s for s, lb in pods.items() if reachable(objs, lb, pods["deploy-controller"], 8090)}
     assert not any(reachable(objs, lb, shard, 9100) for lb in pods.values()), "metrics: Prometheus only"
     client = {"hybrid-serving/ranker-client": "true"}
     assert reachable_from_any_namespace(objs, client, pods["ranker"], 8080)
     assert not reachable_from_any_namespace(objs, client, shard, grpc)
+
+
+def test_admin_ports_are_reachable_from_the_controller_only(objs: list[Obj]) -> None:
+    """Issue 11, finding 7: admin is on ports of its own, and the policies open those to
+    the controller's pods and nothing else (no other pod of ours, no other namespace)."""
+    pods = {pod_labels(w).get(COMPONENT, "?"): pod_labels(w) for w in workloads(objs)}
+    for component in ("embedding-shard", "ranker"):
+        admin = _port(objs, component, "admin")
+        data = _port(objs, component, "grpc" if component == "embedding-shard" else "http")
+        assert admin != data
+        dst = pods[component]
+        assert {s for s, lb in pods.items() if reachable(objs, lb, dst, admin)} == {
+            "deploy-controller"}, component
+        for p in of_kind(objs, "NetworkPolicy"):
+            if not selector_matches(p["spec"]["podSelector"], dst):
+                continue
+            for rule in p["spec"].get("ingress", []):
+                if admin in [x["port"] for x in rule.get("ports", [])]:
+                    assert all("namespaceSelector" not in peer and peer.get("podSelector", {})
+                               .get("matchLabels", {}).get(COMPONENT) == "deploy-controller"
+                               for peer in rule["from"]), (p["metadata"]["name"], rule)
 
 
 def reachable_from_any_namespace(objs: list[Obj], src: dict[str, str], dst: dict[str, str],

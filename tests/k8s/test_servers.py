@@ -129,6 +129,7 @@ def test_shard_flags(objs: list[Obj], shard_configs: list[tuple[Obj, Any, Scratc
         assert cfg.host == "0.0.0.0"
         assert cfg.port == resolve_port(c, "grpc")
         assert cfg.metrics_port == resolve_port(c, "metrics")
+        assert cfg.admin_port == resolve_port(c, "admin") and cfg.admin_port not in (None, 0)
         assert cfg.admin_token == expected_fleet_token(objs), "admin RPCs need the fleet token"
         store_mount = root.mount_of(str(cfg.store).replace(str(root.root), "", 1))
         assert store_mount is not None and store_mount.pvc == "model-store" and store_mount.read_only
@@ -220,6 +221,7 @@ def test_ranker_config(objs: list[Obj], overlay: str,
     cm = config_map(objs)
     assert (cfg.model, cfg.version) == (cm["MODEL"], cm["VERSION"])
     assert cfg.host == "0.0.0.0" and cfg.port == resolve_port(c, "http")
+    assert cfg.admin_port == resolve_port(c, "admin") and cfg.admin_port not in (None, 0)
     assert cfg.device == ("cpu" if overlay == "dev" else "cuda")
     assert not cfg.local_tables
     assert cfg.embedding_shards == tuple((t,) for t in env["RANKER_EMBEDDING_SHARDS"].split(","))
@@ -282,9 +284,11 @@ def test_controller_discovery_flags(objs: list[Obj],
     assert shards == by_component(objs, "embedding-shard")
     (rc,) = template(rankers[0])["spec"]["containers"]
     assert cfg.k8s_ranker_port == resolve_port(rc, "http")
+    assert cfg.k8s_ranker_admin_port == resolve_port(rc, "admin"), "the controller calls admin"
     for sts in shards:
         (sc,) = template(sts)["spec"]["containers"]
         assert cfg.k8s_shard_port == resolve_port(sc, "grpc")
+        assert cfg.k8s_shard_admin_port == resolve_port(sc, "admin")
         assert cfg.k8s_shard_label in pod_labels(sts)
     assert cfg.k8s_num_shards == int(config_map(objs)["NUM_SHARDS"]) == len(shards)
     assert token_in(cfg.fleet_token_file) == expected_fleet_token(objs)
@@ -355,7 +359,7 @@ def test_controller_discovers_the_rendered_fleet(objs: list[Obj],
     for k, replicas in enumerate(topo.shards):
         want = named(objs, "StatefulSet", f"embedding-shard-{k}")["spec"]["replicas"]
         assert len(replicas) == want
-        assert all(a.endswith(f":{cfg.k8s_shard_port}") for a in replicas)
+        assert all(a.endswith(f":{cfg.k8s_shard_admin_port}") for a in replicas)
 
 
 # ---------------------------------------------------------------- the dev demo-store Job
