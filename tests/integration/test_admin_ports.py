@@ -1,8 +1,11 @@
 """--admin-port (issue 11, finding 7): each server serves admin on a port of its own, so a
-NetworkPolicy can let only the controller reach it; the data port refuses admin."""
+NetworkPolicy can let only the controller reach it; the data port refuses admin. The
+controller drives a rollout through the admin ports named in its fleet file."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,29 +13,36 @@ import grpc
 import httpx
 import pytest
 
+from deploy_controller.config import ControllerConfig
+from deploy_controller.discovery import LocalDiscovery
+from deploy_controller.executor import Executor
+from deploy_controller.fleet import RemoteFleet
+from deploy_controller.journal import Journal
+from deploy_controller.state import Status
 from loadtest.harness.probes import grpc_serving, http_ready
 from loadtest.harness.process import ServerProcess
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
 from tests.helpers_store import tiny_request, tiny_version
 
+MODEL = "tiny"
 TOKEN = "adm1n-t0ken"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    tiny_version(root, "v1", shards=1, seed=1)
-    tiny_version(root, "v2", shards=1, seed=2)
-    return root
+    """A store with tiny v1 and v2, and the admin token file beside it (logs go there)."""
+    root = tmp_path_factory.mktemp("fleet")
+    (root / "token").write_text(TOKEN + "\n")
+    for seed, version in enumerate(("v1", "v2"), start=1):
+        tiny_version(root / "store", version, shards=1, seed=seed)
+    return root / "store"
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("logs")
-    (root / "token").write_text(TOKEN + "\n")
-    return root
+def logs(store: Path) -> Path:
+    return store.parent
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +75,10 @@ def test_ranker_admin_only_on_the_admin_port(ranker: ServerProcess) -> None:
     assert ranked.status_code == 200, ranked.text
 
 
+def _stub(channel: grpc.Channel) -> pbg.EmbeddingServiceStub:
+    return pbg.EmbeddingServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
 @pytest.fixture(scope="module")
 def shard(store: Path, logs: Path) -> Iterator[ServerProcess]:
     with ServerProcess.module("embedding_server", "--store", str(store), "--preload", "tiny/v1",
@@ -78,7 +92,7 @@ def test_embedding_admin_only_on_the_admin_port(shard: ServerProcess) -> None:
     meta = tuple(AUTH.items())
     with grpc.insecure_channel(f"127.0.0.1:{shard.port}") as data_ch, \
             grpc.insecure_channel(f"127.0.0.1:{shard.admin_port}") as admin_ch:
-        data, admin = pbg.EmbeddingServiceStub(data_ch), pbg.EmbeddingServiceStub(admin_ch)
+        data, admin = _stub(data_ch), _stub(admin_ch)
         with pytest.raises(grpc.RpcError) as refused:
             data.LoadVersion(pb.LoadVersionRequest(model="tiny", version="v2"), metadata=meta,
                              timeout=10)
@@ -108,7 +122,7 @@ def test_embedding_admin_port_with_workers(store: Path, logs: Path) -> None:
         assert s.admin_port is not None and s.admin_port != s.port
         with grpc.insecure_channel(f"127.0.0.1:{s.port}") as data_ch, \
                 grpc.insecure_channel(f"127.0.0.1:{s.admin_port}") as admin_ch:
-            data, admin = pbg.EmbeddingServiceStub(data_ch), pbg.EmbeddingServiceStub(admin_ch)
+            data, admin = _stub(data_ch), _stub(admin_ch)
             with pytest.raises(grpc.RpcError) as refused:
                 data.LoadVersion(pb.LoadVersionRequest(model="tiny", version="v2"),
                                  metadata=meta, timeout=10)
@@ -125,3 +139,47 @@ def test_embedding_admin_port_is_checked(store: Path) -> None:
     from embedding_server.config import ConfigError, config_from_args
     with pytest.raises(ConfigError, match="--admin-port 7001 is also --port"):
         config_from_args(["--store", str(store), "--port", "7001", "--admin-port", "7001"])
+
+
+@pytest.fixture(scope="module")
+def fleet(store: Path, logs: Path) -> Iterator[tuple[Path, ServerProcess]]:
+    """A shard and a ranker using it, both with --admin-port, and the fleet file naming them."""
+    auth = ("--admin-token-file", str(logs / "token"), "--admin-port", "0")
+    with ServerProcess.module("embedding_server", "--store", str(store), "--preload",
+                              f"{MODEL}/v1", *auth, log_dir=logs, name="fleet_shard",
+                              ready=grpc_serving) as shard, \
+            ServerProcess.module("ranker_server", "--store", str(store), "--model", MODEL,
+                                 "--version", "v1", "--embedding-shards", shard.address,
+                                 "--device", "cpu", *auth, log_dir=logs, name="fleet_ranker",
+                                 ready=http_ready) as ranker:
+        fleet_file = logs / "fleet.json"
+        fleet_file.write_text(json.dumps({
+            "rankers": [{"data": f"http://{ranker.address}",
+                         "admin": f"http://127.0.0.1:{ranker.admin_port}"}],
+            "embedding_shards": [[{"data": shard.address,
+                                   "admin": f"127.0.0.1:{shard.admin_port}"}]]}))
+        yield fleet_file, ranker
+
+
+def test_rollout_through_admin_ports(fleet: tuple[Path, ServerProcess]) -> None:
+    fleet_file, ranker = fleet
+    topo = asyncio.run(LocalDiscovery(fleet_file).topology())
+    assert topo.rankers == (f"http://127.0.0.1:{ranker.admin_port}",)
+    cfg = ControllerConfig(gate_interval_s=0.05, retry_backoff_s=0.05, default_bake_s=0.1)
+    journal = Journal(fleet_file.with_suffix(".sqlite"))
+
+    async def go() -> tuple[Status, str]:
+        f = RemoteFleet(LocalDiscovery(fleet_file), TOKEN)
+        try:
+            r = journal.create(MODEL, "v1", "v2", [50, 100], 0.1)
+            done = await Executor(journal, f, cfg).run(r.id)
+            return done.status, done.reason_code
+        finally:
+            await f.close()
+
+    assert asyncio.run(go()) == (Status.SUCCEEDED, "")
+    st = httpx.get(f"http://127.0.0.1:{ranker.admin_port}/admin/v1/versions",
+                   headers=AUTH, timeout=10).json()
+    assert st["active"] == "v2", st
+    ranked = httpx.post(f"http://{ranker.address}/v1/rank", json=tiny_request(2), timeout=10)
+    assert ranked.status_code == 200 and ranked.json()["version"] == "v2", ranked.text
