@@ -357,3 +357,11 @@ def quantity_bytes(q: str | int) -> float:
 def quantity_cores(q: str | int) -> float:
     s = str(q)
     return int(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+COMPONENT = "app.kubernetes.io/component"
+
+
+def by_component(objs: list[Obj], component: str) -> list[Obj]:
+    """The workloads whose pods carry app.kubernetes.io/component=component."""
+    return [w for w in workloads(objs) if pod_labels(w).get(COMPONENT) == component]

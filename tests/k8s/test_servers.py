@@ -21,6 +21,7 @@ from tests.k8s.manifests import (
     REPO,
     Obj,
     ScratchRoot,
+    by_component,
     containers,
     expanded_args,
     iter_probes,
@@ -39,12 +40,7 @@ from tests.k8s.manifests import (
     workloads,
 )
 
-COMPONENT = "app.kubernetes.io/component"
 PRIVATE_BYTES_PER_PROCESS = 300e6  # embedding server target (issue 3, P3); 195 MB measured
-
-
-def by_component(objs: list[Obj], component: str) -> list[Obj]:
-    return [w for w in workloads(objs) if pod_labels(w).get(COMPONENT) == component]
 
 
 def config_map(objs: list[Obj]) -> dict[str, str]:
