@@ -89,6 +89,18 @@ class DrainingServer(uvicorn.Server):
                  self.admin_port if self.admin_port is not None else "the same")
 
 
+def fast_stack() -> tuple[str, str]:
+    """uvicorn's (loop, http) implementations: uvloop and httptools (C parsers; the pure-Python
+    h11 stack saturates the event loop on small requests), or asyncio/h11 if either is missing."""
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError as e:
+        log.warning("uvloop/httptools unavailable (%s): serving on asyncio + h11, slower", e)
+        return "asyncio", "h11"
+    return "uvloop", "httptools"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=str(args.log_level).upper(),
@@ -112,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         admin_port = sockets[1].getsockname()[1]
     state: list[RankerState] = []
     app = create_app(config, state_out=state, admin_port=admin_port)
+    loop, http = fast_stack()
     server = DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+        uvicorn.Config(app, host=config.host, port=config.port, log_config=None, loop=loop, http=http,
                        log_level=config.log_level.lower(), access_log=False,
                        timeout_graceful_shutdown=int(config.drain_timeout_s) or 1,
                        lifespan="on"),
