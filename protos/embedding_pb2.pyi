@@ -39,16 +39,20 @@ VERSION_STATE_UNLOADING: VersionState
 VERSION_STATE_FAILED: VersionState
 
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "version", "fingerprint", "tables")
+    __slots__ = ("model", "version", "fingerprint", "tables", "id", "timeout_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     fingerprint: str
     tables: _containers.RepeatedCompositeFieldContainer[TableLookup]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ...) -> None: ...
+    id: int
+    timeout_s: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ..., id: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class TableLookup(_message.Message):
     __slots__ = ("table", "rows", "offsets", "pooling", "output")
@@ -65,20 +69,34 @@ class TableLookup(_message.Message):
     def __init__(self, table: _Optional[str] = ..., rows: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., output: _Optional[_Union[Output, str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("model", "version", "fingerprint", "shard", "num_shards", "results")
+    __slots__ = ("model", "version", "fingerprint", "shard", "num_shards", "results", "id", "failure")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     fingerprint: str
     shard: int
     num_shards: int
     results: _containers.RepeatedCompositeFieldContainer[TableResult]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TableResult, _Mapping]]] = ...) -> None: ...
+    id: int
+    failure: LookupFailure
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TableResult, _Mapping]]] = ..., id: _Optional[int] = ..., failure: _Optional[_Union[LookupFailure, _Mapping]] = ...) -> None: ...
+
+class LookupFailure(_message.Message):
+    __slots__ = ("code", "reason", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TableResult(_message.Message):
     __slots__ = ("table", "dim", "count", "data")

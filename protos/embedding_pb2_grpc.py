@@ -39,6 +39,11 @@ class EmbeddingServiceStub:
                 request_serializer=protos_dot_embedding__pb2.LookupRequest.SerializeToString,
                 response_deserializer=protos_dot_embedding__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/hybrid.embedding.v1.EmbeddingService/LookupStream',
+                request_serializer=protos_dot_embedding__pb2.LookupRequest.SerializeToString,
+                response_deserializer=protos_dot_embedding__pb2.LookupResponse.FromString,
+                _registered_method=True)
         self.LoadVersion = channel.unary_unary(
                 '/hybrid.embedding.v1.EmbeddingService/LoadVersion',
                 request_serializer=protos_dot_embedding__pb2.LoadVersionRequest.SerializeToString,
@@ -66,6 +71,14 @@ class EmbeddingServiceServicer:
 
     def Lookup(self, request, context):
         """Gathers (and optionally pools) rows of one or more tables of one version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupStream(self, request_iterator, context):
+        """The same lookups on a long-lived stream: answers matched to requests by `id`, in
+        any order, per-lookup failures in `failure` (see "LookupStream" above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +119,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
+                    request_deserializer=protos_dot_embedding__pb2.LookupRequest.FromString,
+                    response_serializer=protos_dot_embedding__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
                     request_deserializer=protos_dot_embedding__pb2.LookupRequest.FromString,
                     response_serializer=protos_dot_embedding__pb2.LookupResponse.SerializeToString,
             ),
@@ -155,6 +173,33 @@ class EmbeddingService:
             request,
             target,
             '/hybrid.embedding.v1.EmbeddingService/Lookup',
+            protos_dot_embedding__pb2.LookupRequest.SerializeToString,
+            protos_dot_embedding__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hybrid.embedding.v1.EmbeddingService/LookupStream',
             protos_dot_embedding__pb2.LookupRequest.SerializeToString,
             protos_dot_embedding__pb2.LookupResponse.FromString,
             options,
