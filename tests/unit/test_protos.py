@@ -68,8 +68,11 @@ def test_embedding_service_methods() -> None:
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert methods == {
         "Lookup": ("LookupRequest", "LookupResponse"),
+        "LookupStream": ("LookupRequest", "LookupResponse"),
         "LoadVersion": ("LoadVersionRequest", "VersionInfo"),
         "UnloadVersion": ("UnloadVersionRequest", "VersionInfo"),
         "ListVersions": ("ListVersionsRequest", "ListVersionsResponse"),
         "CheckFit": ("LoadVersionRequest", "FitInfo"),
     }
+    streaming = {m.name for m in service.methods if m.client_streaming and m.server_streaming}
+    assert streaming == {"LookupStream"}
