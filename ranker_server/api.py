@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+RANK_PATH = "/v1/rank"
 
 _RANK_DOC: dict[str, Any] = {
     "requestBody": {
@@ -56,6 +57,15 @@ _RANK_DOC: dict[str, Any] = {
 }
 
 
+def record(metrics: Metrics, version: str, status: int, reason: str, started: float) -> None:
+    """Count one answered /v1/rank request (`reason`: the RankError's, "" for a 200)."""
+    if reason:
+        metrics.errors.labels(reason).inc()
+    metrics.requests.labels(version, str(status)).inc()
+    metrics.request_duration.labels(version, outcome_of(status, reason)).observe(
+        time.monotonic() - started)
+
+
 class _Recorded:
     """One /v1/rank request's metrics, recorded once on leaving the `with` block, however
     it is left; a bug (any exception but RankError) is logged and becomes a RankError 500."""
@@ -79,13 +89,9 @@ class _Recorded:
             status, reason = exc.status, exc.reason
         elif bug:
             status, reason = 500, "internal"
-        m, version = self.metrics, self.version
-        if reason:
-            m.errors.labels(reason).inc()
-        m.requests.labels(version, str(status)).inc()
-        m.request_duration.labels(version, outcome_of(status, reason)).observe(
-            time.monotonic() - self.started)
+        record(self.metrics, self.version, status, reason, self.started)
         if self.scores is not None and status == 200:
+            m, version = self.metrics, self.version
             m.score_sum.labels(version).inc(float(self.scores.sum(dtype="float64")))
             m.scores.labels(version).inc(self.scores.size)
         if bug:
@@ -99,7 +105,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise RankError(e.status, "body_too_large", e.message, field="body") from None
 
 
-@router.post("/v1/rank", openapi_extra=_RANK_DOC)
+@router.post(RANK_PATH, openapi_extra=_RANK_DOC)
 async def rank(request: Request) -> Response:
     """Score one user's candidates with one version (JSON or protobuf body)."""
     st: RankerState = request.state.ranker
@@ -111,7 +117,7 @@ async def rank(request: Request) -> Response:
         if env.model and env.model != cfg.model:
             raise RankError(404, "unknown_model", f"model: {env.model!r} is not served here "
                             f"(this ranker serves {cfg.model!r})", field="model")
-        st.batcher.check_capacity()  # shed before spending CPU on decoding
+        st.batcher.check_capacity()  # again (ShedGate checked before the body): before decoding
         timeout_ms = min(env.timeout_ms or cfg.default_timeout_ms, cfg.max_timeout_ms)
         with st.registry.acquire(env.version) as lease:  # until the batcher takes it over
             rec.version = lease.version.version

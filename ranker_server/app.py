@@ -7,16 +7,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ranker_server import admin, api
 from ranker_server.batcher import Batcher
 from ranker_server.config import RankerConfig
 from ranker_server.device import Device
-from ranker_server.errors import AdminError, HttpError
+from ranker_server.errors import AdminError, HttpError, RankError
 from ranker_server.lifecycle import Lifecycle
 from ranker_server.local_tables import LocalTables
 from ranker_server.metrics import Metrics
@@ -58,12 +60,38 @@ def _source(config: RankerConfig) -> TableSource:
                         lookup_token=config.embedding_token())
 
 
+def _response(e: HttpError) -> Response:
+    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
+                    headers=e.headers())
+
+
 def _render(request: Request, exc: Exception) -> Response:
     """Every refusal a handler raises (RankError, AdminError), as its JSON body and status."""
     # Registered for HttpError only; the fallback keeps the signature Starlette expects honest.
-    e = exc if isinstance(exc, HttpError) else HttpError(500, "internal error")
-    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
-                    headers=e.headers())
+    return _response(exc if isinstance(exc, HttpError) else HttpError(500, "internal error"))
+
+
+class ShedGate:
+    """ASGI middleware: POST /v1/rank gets 429 (Retry-After) while the batcher's queue is full,
+    decided from the headers alone, before the body is read or parsed and before routing: a
+    ranker past its capacity spends its event loop on the requests it admits. (The batcher
+    checks again on submit: requests admitted together may still find the queue full.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == api.RANK_PATH and scope["method"] == "POST":
+            started = time.monotonic()
+            st: RankerState = scope["state"]["ranker"]  # the lifespan's state
+            try:
+                st.batcher.check_capacity()
+            except RankError as e:
+                api.record(st.metrics, "none", e.status, e.reason, started)
+                # The body is never received: uvicorn discards it as it arrives.
+                await _response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = None,
@@ -116,6 +144,7 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
     app.include_router(api.router)
     app.include_router(admin.router)
     app.add_exception_handler(HttpError, _render)
+    app.add_middleware(ShedGate)  # inside the admin gate: /v1/rank is refused on the admin port
     if admin_port is not None:
         app.add_middleware(AdminPortGate, admin_port=admin_port)
     return app

@@ -213,9 +213,37 @@ def test_prepare_refuses_a_version_the_shards_do_not_hold(store: Path,
     assert admin(main, "DELETE", "/versions/v3").status_code == 200
 
 
+def _raw_exchange(s: ServerProcess, head: str, body: bytes = b"") -> tuple[bytes, float]:
+    """(status line + headers, seconds to them) of one request sent on a raw socket."""
+    host, port = s.address.rsplit(":", 1)
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
 def test_overload_gets_429_and_expired_deadlines_504(store: Path,
                                                      fleet: dict[str, ServerProcess]) -> None:
     slow, req = fleet["slow"], eval_requests(store)[0]
+    with ThreadPoolExecutor(1) as pool:
+        # 2 queue for the 500 ms batch wait; while they wait, a request declaring a 1 MB
+        # body (within the cap, never sent) is refused from its headers alone: had the
+        # ranker waited for the body, no answer would come.
+        queued = pool.submit(rank_all, slow, [req] * 2, 2)
+        deadline = time.monotonic() + 5
+        while (metric(slow, 'ranker_inflight_requests{version="v1"}') < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        head = (f"POST /v1/rank HTTP/1.1\r\nhost: {slow.address}\r\n"
+                f"content-type: application/json\r\ncontent-length: {10**6}\r\n\r\n")
+        answer, took = _raw_exchange(slow, head, b'{"user": ')
+        assert [a.status_code for a in queued.result()] == [200, 200]
+    assert answer.startswith(b"HTTP/1.1 429 "), answer
+    assert b"retry-after: 1" in answer.lower()
+    assert took < 0.05, f"429 took {took * 1000:.1f} ms"
     answers = rank_all(slow, [req] * 6, workers=6)  # 2 may queue (500 ms), the rest are shed
     codes = sorted(a.status_code for a in answers)
     assert codes.count(200) >= 2 and 429 in codes and set(codes) <= {200, 429}, codes
