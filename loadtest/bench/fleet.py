@@ -41,6 +41,7 @@ CONFIG_LABELS = {
     "local": "ranker --local-tables",
     "serial": "ranker + 2 remote shards, --debug-serial-lookups",
     "remote_1thread": "ranker + 2 remote shards, all three with OMP_NUM_THREADS=1",
+    "remote_cpu": "ranker on the CPU + 2 remote shards (the reference on a GPU machine)",
 }
 
 
@@ -84,12 +85,16 @@ def prepare(args: argparse.Namespace, name: str, configs: Sequence[str], anchor:
 
 
 @contextlib.contextmanager
-def fleet(store: Path, configs: Sequence[str]) -> Iterator[Fleet]:
+def fleet(store: Path, configs: Sequence[str], device: str = "cpu",
+          log_dir: Path | None = None, ranker_args: Sequence[str] = ()) -> Iterator[Fleet]:
     """Two embedding shards (two more with OMP_NUM_THREADS=1 if a config wants them) and one
-    ranker per config, logging to a temp dir; every process is stopped on exit."""
+    ranker per config on `device` (`remote_cpu` always on the CPU), logging to `log_dir` (a
+    temp dir, removed after, by default), each ranker with `ranker_args` added; every
+    process is stopped on exit."""
     started: list[ServerProcess] = []
     omp1 = {"OMP_NUM_THREADS": "1"}
-    log_dir = Path(tempfile.mkdtemp(prefix="bench_fleet_"))
+    keep_logs = log_dir is not None
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench_fleet_"))
     try:
         sets = {"": None, **({"_omp1": omp1} if "remote_1thread" in configs else {})}
         shards = {f"shard{k}{suffix}": ServerProcess.module(
@@ -104,17 +109,20 @@ def fleet(store: Path, configs: Sequence[str]) -> Iterator[Fleet]:
         mode_args = {"remote": lambda: ["--embedding-shards", targets("")],
                      "local": lambda: ["--local-tables"],
                      "serial": lambda: ["--embedding-shards", targets(""), "--debug-serial-lookups"],
-                     "remote_1thread": lambda: ["--embedding-shards", targets("_omp1")]}
+                     "remote_1thread": lambda: ["--embedding-shards", targets("_omp1")],
+                     "remote_cpu": lambda: ["--embedding-shards", targets("")]}
         rankers = start_all([ServerProcess.module(
             "ranker_server", "--store", str(store), "--model", "ads_ctr", "--version", "v1",
-            "--device", "cpu", "--log-level", "warning", *mode_args[c](),
+            "--device", "cpu" if c == "remote_cpu" else device, "--log-level", "warning",
+            *mode_args[c](), *ranker_args,
             log_dir=log_dir, name=f"ranker_{c}", ready=http_ready,
             env=omp1 if c == "remote_1thread" else None) for c in configs])
         started += rankers
         yield Fleet(shards, dict(zip(configs, rankers, strict=True)))
     finally:
         stop_all(started)
-        shutil.rmtree(log_dir, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def scrape(s: ServerProcess) -> dict[str, float]:

@@ -106,6 +106,16 @@ async def parity(s: Served, vdir: Path, args: argparse.Namespace) -> dict[str, A
                               "scores": [float(x) for x in got[0]]}}
 
 
+def _table(events: Any) -> str:
+    """The profiler's op table by device time (the sort key's name moved across torch versions)."""
+    for key in ("self_device_time_total", "self_cuda_time_total", "cpu_time_total"):
+        try:
+            return str(events.table(sort_by=key, row_limit=25))
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return ""
+
+
 async def cuda_checks(s: Served) -> dict[str, Any]:
     """Host syncs in one batch (expect one: the scores to the host) and allocator peaks."""
     decoded = [s.decode(b).features for b in s.bodies[: max(1, s.max_batch_candidates // 200)]]
@@ -117,7 +127,26 @@ async def cuda_checks(s: Served) -> dict[str, Any]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    # Kernel launches and device time per batch over 20 batches (torch.profiler).
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(20):
+            await s.pipeline.run(s.version, decoded, s.timeout_s)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                         "cudaLaunchKernelExC"))
+    # Random batch sizes: does the caching allocator settle or keep growing?
+    rng = np.random.default_rng(0)
+    reserved = []
+    for _ in range(200):
+        k = int(rng.integers(1, len(decoded) + 1))
+        await s.pipeline.run(s.version, decoded[:k], s.timeout_s)
+        reserved.append(torch.cuda.memory_reserved() / 1e6)
     return {"syncs_in_one_batch": len(syncs), "sync_messages": sorted(set(syncs))[:10],
+            "kernel_launches_per_batch": launches / 20,
+            "profile_top_ops": _table(events),
+            "memory_reserved_MB_random_batches": {"after_10": reserved[9], "after_100": reserved[99],
+                                                  "after_200": reserved[-1]},
             "max_memory_reserved_MB": torch.cuda.max_memory_reserved() / 1e6,
             "max_memory_allocated_MB": torch.cuda.max_memory_allocated() / 1e6,
             "device_name": torch.cuda.get_device_name()}

@@ -34,7 +34,11 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the benchmark runs from ('+dirty' with local changes), or None."""
+    """HEAD of the checkout the benchmark runs from ('+dirty' with local changes), or None.
+
+    $BENCH_GIT_COMMIT names it where the tree travelled without its .git (a device machine)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()

@@ -40,6 +40,19 @@ def build_requests(eval_path: Path, num_requests: int, num_candidates: int, seed
     return out
 
 
+def mixed_requests(eval_path: Path, num_requests: int, max_candidates: int, seed: int = 0
+                   ) -> list[dict[str, Any]]:
+    """Requests of 1..max_candidates candidates (uniform), users and candidates from eval.jsonl."""
+    evals = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
+    pool = [c for r in evals for c in r["candidates"]]
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, max_candidates + 1, size=num_requests)
+    return [{"request_id": f"mixed-{i:05d}", "model": evals[i % len(evals)]["model"],
+             "user": evals[i % len(evals)]["user"],
+             "candidates": [pool[int(j)] for j in rng.integers(0, len(pool), size=int(k))]}
+            for i, k in enumerate(sizes)]
+
+
 def encode_bodies(vdir: Path, requests: list[dict[str, Any]], kind: codec.BodyKind) -> list[bytes]:
     """Request bodies as a client sends them: protobuf (the ranker's codec) or JSON."""
     if kind == "json":
