@@ -1,4 +1,4 @@
-"""Bearer-token check for the admin RPCs (LoadVersion, UnloadVersion)."""
+"""Bearer-token checks: the admin RPCs' (LoadVersion, UnloadVersion) and the data port's."""
 
 from __future__ import annotations
 
@@ -46,3 +46,21 @@ class AdminAuth:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token):
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "admin RPC: wrong bearer token")
+
+
+class LookupToken:
+    """The optional bearer token of the data port (--lookup-token-file); admin's check, reused."""
+
+    def __init__(self, token: str | None) -> None:
+        self._auth = AdminAuth(token) if token else None
+
+    def check(self, context: grpc.ServicerContext) -> None:
+        """Raise UNAUTHENTICATED unless no token is configured or the call carries it."""
+        if self._auth is None:
+            return
+        try:
+            self._auth.check(context)
+        except ServiceError:
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
+                               "Lookup needs metadata 'authorization: Bearer <token>' with the token "
+                               "of this server's --lookup-token-file") from None

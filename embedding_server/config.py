@@ -79,6 +79,9 @@ class ServerConfig:
     the row width of the requested output (4 + dim/2 bytes packed, 2*dim fp16, 4*dim fp32)."""
     max_concurrent: int = 32
     """Lookups allowed in flight per process at once; more get RESOURCE_EXHAUSTED."""
+    max_streams: int = 64
+    """LookupStreams open at once per process (each holds a gRPC thread while open); more
+    are refused at open with RESOURCE_EXHAUSTED. Rankers keep one per replica each."""
     grace_period_s: float = 10.0
     """On SIGTERM, seconds in-flight RPCs get to finish before they are cancelled."""
     drain_timeout_s: float = 30.0
@@ -90,8 +93,9 @@ class ServerConfig:
 
     @property
     def threads(self) -> int:
-        """gRPC handler threads: one per allowed lookup plus a few for admin and health."""
-        return self.max_concurrent + 8
+        """gRPC handler threads: one per allowed lookup and per open stream, a few for admin
+        and health."""
+        return self.max_concurrent + self.max_streams + 8
 
     def validate(self) -> ServerConfig:
         """Raise ConfigError naming the first bad setting; return self when all are sane."""
@@ -111,7 +115,8 @@ class ServerConfig:
             "--workers": self.workers, "--max-rows-per-request": self.max_rows_per_request,
             "--max-bags-per-request": self.max_bags_per_request,
             "--max-tables-per-request": self.max_tables_per_request,
-            "--max-response-bytes": self.max_response_bytes, "--max-concurrent": self.max_concurrent})
+            "--max-response-bytes": self.max_response_bytes, "--max-concurrent": self.max_concurrent,
+            "--max-streams": self.max_streams})
         require_at_least(ConfigError, 0, {"--grace-period": self.grace_period_s})
         require_at_least(ConfigError, 0, {"--drain-timeout": self.drain_timeout_s}, strictly=True)
         for flag, token in (("--admin-token-file", self.admin_token),

@@ -1,4 +1,8 @@
-"""The one exception type the request path raises: a gRPC status code and its message."""
+"""The one exception type the request path raises: a gRPC status code, its message, a reason.
+
+The reason is the machine-readable half (protos/embedding.proto lists them): unary Lookup
+sends it as trailing metadata REASON_KEY, LookupStream in LookupFailure.reason.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,37 @@ import grpc
 # The message travels as the grpc-message trailer, and gRPC bounds metadata (8 KiB by
 # default): a message echoing a 10k-character name broke the call instead of explaining it.
 MAX_MESSAGE = 900
+REASON_KEY = "x-embedding-reason"
+
+VERSION_NOT_LOADED = "version_not_loaded"
+FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+DRAINING = "draining"
+INVALID_ARGUMENT = "invalid_argument"
+OVER_LIMIT = "over_limit"
+OVERLOADED = "overloaded"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+UNAUTHENTICATED = "unauthenticated"
+INTERNAL = "internal"
+
+_C = grpc.StatusCode
+# Where a raise site names no reason: the one each code means on the lookup path.
+_DEFAULT_REASON = {_C.INVALID_ARGUMENT: INVALID_ARGUMENT, _C.UNAVAILABLE: DRAINING,
+                   _C.RESOURCE_EXHAUSTED: OVERLOADED, _C.DEADLINE_EXCEEDED: DEADLINE_EXCEEDED,
+                   _C.UNAUTHENTICATED: UNAUTHENTICATED, _C.INTERNAL: INTERNAL}
 
 
 class ServiceError(Exception):
-    """Ends an RPC with `code` and `message` (the servicer turns it into context.abort)."""
+    """Ends an RPC (or one streamed lookup) with `code`, `message` and `reason`."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
         if len(message) > MAX_MESSAGE:  # it may echo a caller's value of any length
             message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason or _DEFAULT_REASON.get(code, str(code.name).lower())
+
+
+def internal_error(e: Exception) -> ServiceError:
+    """A bug, not the caller's fault: INTERNAL naming what raised."""
+    return ServiceError(grpc.StatusCode.INTERNAL, f"embedding server error: {type(e).__name__}: {e}")

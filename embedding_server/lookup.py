@@ -1,25 +1,32 @@
-"""Lookup semantics (protos/embedding.proto): validate one request, gather, pool, pack.
+"""Lookup semantics (protos/embedding.proto): check one request, then gather into its answer.
 
-Arrays are parsed with np.frombuffer and answered with tobytes(): the only per-element
-work is numpy's and the kernels'. Every malformed input raises ServiceError with
-INVALID_ARGUMENT, naming the table and the first bad value.
+Three passes over the request's groups, the first two cheap: `measure` reads each group's
+bytes once (every later step uses those arrays: no field is read, nor copied, twice) and
+applies the cost limits before the version is even looked at; `resolve` checks
+everything else against the held version (table, output, pooling, offsets, one bounds
+check per group, answer size) before any gather runs; `execute` gathers or pools each
+group straight into the answer's wire buffer (embedding_server.wire). Every malformed
+input raises ServiceError INVALID_ARGUMENT naming the table and the first bad value;
+cost limits raise it with reason over_limit.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from embedding_server.errors import ServiceError
-from embedding_server.fbgemm_tbe import Pooling
-from embedding_server.served_table import ServedTable
+from embedding_server.config import ServerConfig
+from embedding_server.errors import OVER_LIMIT, ServiceError
+from embedding_server.fbgemm_tbe import Output, Pooling
+from embedding_server.served_table import Segment, ServedTable
 from embedding_server.table_store import LoadedVersion
+from embedding_server.wire import Answer, id_field, response_head, result_head
 from protos import embedding_pb2 as pb
 
 # Request arrays are read-only views of the protobuf bytes, and only ever read.
@@ -27,15 +34,73 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _I64 = np.dtype("<i8")
-OUTPUT_NAMES = {pb.OUTPUT_INT4_PACKED: "int4_packed", pb.OUTPUT_FP16: "fp16", pb.OUTPUT_FP32: "fp32"}
-_POOLING_NAMES = {pb.POOLING_NONE: "POOLING_NONE", pb.POOLING_SUM: "POOLING_SUM",
+OUTPUT_NAMES: dict[int, str] = {pb.OUTPUT_INT4_PACKED: "int4_packed", pb.OUTPUT_FP16: "fp16",
+                               pb.OUTPUT_FP32: "fp32"}
+_KERNEL_OUTPUT: dict[int, Output] = {pb.OUTPUT_FP16: "fp16", pb.OUTPUT_FP32: "fp32"}
+_POOLING_NAMES: dict[int, str] = {pb.POOLING_NONE: "POOLING_NONE", pb.POOLING_SUM: "POOLING_SUM",
                   pb.POOLING_MEAN: "POOLING_MEAN"}
 _KERNEL_POOLING: dict[int, Pooling] = {pb.POOLING_NONE: "sum", pb.POOLING_SUM: "sum",
                                        pb.POOLING_MEAN: "mean"}
+_arange = torch.arange(1 << 16, dtype=torch.int64)  # offsets of one row per bag, sliced per call
 
 
 def _bad(table: str, message: str) -> ServiceError:
     return ServiceError(_INVALID, f"table {table!r}: {message}")
+
+
+def _too_much(asks: str, flag: str, limit: int) -> ServiceError:
+    return ServiceError(_INVALID, f"request {asks}, more than this server's {flag}={limit}; split it",
+                        OVER_LIMIT)
+
+
+def _one_per_bag(n: int) -> torch.Tensor:
+    global _arange
+    if n + 1 > _arange.numel():  # grown (rarely) by replacing the reference: thread-safe
+        _arange = torch.arange(max(n + 1, 2 * _arange.numel()), dtype=torch.int64)
+    return _arange[:n + 1]
+
+
+@dataclass
+class Group:
+    """One TableLookup: its fields read once, then resolved against the held version."""
+
+    name: str
+    output: int
+    pooling: int
+    rows_raw: bytes
+    offsets_raw: bytes
+    count: int  # output vectors: bags when pooled with offsets, else one per row
+    table: ServedTable | None = None
+    segment: Segment | None = None  # the one segment holding every row (None: route by file)
+    index: torch.Tensor | None = None  # rows local to `segment` (or global when routed)
+    offsets: torch.Tensor | None = None
+    width: int = 0  # answer bytes per output vector
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows_raw) // 8
+
+
+def measure(req: pb.LookupRequest, cfg: ServerConfig) -> list[Group]:
+    """Read every group once and refuse (over_limit) too many groups, rows or bags."""
+    tables = req.tables
+    if len(tables) > cfg.max_tables_per_request:  # first: the rest walks every group
+        raise _too_much(f"carries {len(tables)} table groups", "--max-tables-per-request",
+                        cfg.max_tables_per_request)
+    groups, rows, bags = [], 0, 0
+    for g in tables:
+        raw, off, pooling = g.rows, g.offsets, g.pooling
+        n = len(raw) // 8
+        k = len(off) // 8 if pooling != pb.POOLING_NONE else 0
+        count = max(k - 1, 0) if k else n
+        groups.append(Group(g.table, g.output, pooling, raw, off, count))
+        rows += n
+        bags += count
+    if rows > cfg.max_rows_per_request:
+        raise _too_much(f"asks for {rows} rows", "--max-rows-per-request", cfg.max_rows_per_request)
+    if bags > cfg.max_bags_per_request:
+        raise _too_much(f"asks for {bags} bags", "--max-bags-per-request", cfg.max_bags_per_request)
+    return groups
 
 
 def _int64s(table: str, field: str, raw: bytes) -> npt.NDArray[np.int64]:
@@ -45,12 +110,11 @@ def _int64s(table: str, field: str, raw: bytes) -> npt.NDArray[np.int64]:
     return np.frombuffer(raw, dtype=_I64)
 
 
-def _check_rows(t: ServedTable, name: str, rows: npt.NDArray[np.int64], shard: int,
-                num_shards: int) -> None:
-    if rows.size and (int(rows.min()) < t.start or int(rows.max()) >= t.stop):
-        i = int(np.flatnonzero((rows < t.start) | (rows >= t.stop))[0])
-        raise _bad(name, f"row {int(rows[i])} (rows[{i}]) is outside shard {shard} of {num_shards}'s "
-                         f"range [{t.start}, {t.stop}) of the table's {t.spec.rows} rows")
+def _range_error(t: ServedTable, name: str, rows: npt.NDArray[np.int64], shard: int,
+                 num_shards: int) -> ServiceError:
+    i = int(np.flatnonzero((rows < t.start) | (rows >= t.stop))[0])
+    return _bad(name, f"row {int(rows[i])} (rows[{i}]) is outside shard {shard} of {num_shards}'s "
+                      f"range [{t.start}, {t.stop}) of the table's {t.spec.rows} rows")
 
 
 def _check_offsets(name: str, offsets: npt.NDArray[np.int64], num_rows: int) -> None:
@@ -68,58 +132,80 @@ def _check_offsets(name: str, offsets: npt.NDArray[np.int64], num_rows: int) -> 
                          f"< offsets[{i - 1}] = {int(offsets[i - 1])}")
 
 
-def lookup_group(version: LoadedVersion, g: pb.TableLookup, shard: int, num_shards: int
-                 ) -> tuple[pb.TableResult, int]:
-    """Answer one TableLookup; returns (result, rows served)."""
-    t = version.tables.get(g.table)
+def _resolve(g: Group, version: LoadedVersion, shard: int, num_shards: int) -> None:
+    t = version.tables.get(g.name)
     if t is None:
-        raise _bad(g.table, f"no such table in {version.model}/{version.version} "
-                            f"(tables: {', '.join(sorted(version.tables))})")
+        raise _bad(g.name, f"no such table in {version.model}/{version.version} "
+                           f"(tables: {', '.join(sorted(version.tables))})")
     if g.output not in OUTPUT_NAMES:
-        raise _bad(g.table, f"unknown output {g.output}")
+        raise _bad(g.name, f"unknown output {g.output}")
     if g.pooling not in _POOLING_NAMES:
-        raise _bad(g.table, f"unknown pooling {g.pooling}")
-    rows = _int64s(g.table, "rows", g.rows)
-    _check_rows(t, g.table, rows, shard, num_shards)
+        raise _bad(g.name, f"unknown pooling {g.pooling}")
+    rows = _int64s(g.name, "rows", g.rows_raw)
     pooled = g.pooling != pb.POOLING_NONE
     if g.output == pb.OUTPUT_INT4_PACKED and pooled:
-        raise _bad(g.table, f"OUTPUT_INT4_PACKED returns stored rows and needs POOLING_NONE, "
-                            f"got {_POOLING_NAMES[g.pooling]}")
-    if g.offsets and not pooled:
-        raise _bad(g.table, f"offsets must be empty with POOLING_NONE, got {len(g.offsets) // 8} values")
+        raise _bad(g.name, f"OUTPUT_INT4_PACKED returns stored rows and needs POOLING_NONE, "
+                           f"got {_POOLING_NAMES[g.pooling]}")
+    if g.offsets_raw and not pooled:
+        raise _bad(g.name, f"offsets must be empty with POOLING_NONE, got {len(g.offsets_raw) // 8} values")
+    if g.offsets_raw:
+        offsets = _int64s(g.name, "offsets", g.offsets_raw)
+        _check_offsets(g.name, offsets, rows.size)
+        g.offsets = torch.from_numpy(offsets)
+    # The one bounds check: rows - start as uint64 is below the range's length iff
+    # start <= row < stop (a row below start wraps around to a huge value).
+    local = rows - t.start if t.start else rows
+    if rows.size and int(local.view(np.uint64).max()) >= t.stop - t.start:
+        raise _range_error(t, g.name, rows, shard, num_shards)
+    g.table = t
+    if len(t.segments) == 1:  # the usual case: the shard's range lies inside one file
+        g.segment, g.index = t.segments[0], torch.from_numpy(local)
+    else:
+        g.index = torch.from_numpy(rows)
+    g.width = t.spec.row_bytes if g.output == pb.OUTPUT_INT4_PACKED else t.spec.dim * (
+        2 if g.output == pb.OUTPUT_FP16 else 4)
+
+
+def resolve(groups: list[Group], version: LoadedVersion, cfg: ServerConfig) -> None:
+    """Check every group against the held version, and the answer's size, before any work."""
+    for g in groups:
+        _resolve(g, version, cfg.shard, cfg.num_shards)
+    size = sum(g.count * g.width for g in groups)
+    if size > cfg.max_response_bytes:
+        raise _too_much(f"needs an answer of {size} bytes", "--max-response-bytes",
+                        cfg.max_response_bytes)
+
+
+def _fill(g: Group, slot: npt.NDArray[np.uint8]) -> None:
+    t, s, idx = g.table, g.segment, g.index
+    assert t is not None and idx is not None  # resolved
     if g.output == pb.OUTPUT_INT4_PACKED:
-        data = t.gather(rows).tobytes()
-        return pb.TableResult(table=g.table, dim=t.spec.dim, count=rows.size, data=data), rows.size
-    off = None  # one row per bag
-    if g.offsets:
-        offsets = _int64s(g.table, "offsets", g.offsets)
-        _check_offsets(g.table, offsets, rows.size)
-        off = torch.from_numpy(offsets)
-    out = t.lookup(rows, off, _KERNEL_POOLING[g.pooling], "fp16" if g.output == pb.OUTPUT_FP16 else "fp32")
-    return (pb.TableResult(table=g.table, dim=t.spec.dim, count=int(out.shape[0]),
-                           data=out.numpy().tobytes()), rows.size)
+        if s is not None:  # gathered in place: the rows' only copy before gRPC's
+            torch.index_select(s.weights, 0, idx, out=torch.from_numpy(slot).view(-1, t.spec.row_bytes))
+        else:
+            slot[:] = t.gather(idx.numpy()).reshape(-1)
+        return
+    kind, output = _KERNEL_POOLING[g.pooling], _KERNEL_OUTPUT[g.output]
+    if s is not None:
+        off = g.offsets if g.offsets is not None else _one_per_bag(int(idx.numel()))
+        out = s.kernel.lookup(idx, off, kind, output)
+    else:
+        out = t.lookup(idx.numpy(), g.offsets, kind, output)
+    slot[:] = out.numpy().view(np.uint8).reshape(-1)
 
 
-def run_lookup(version: LoadedVersion, req: pb.LookupRequest, *, shard: int, num_shards: int,
-               deadline: float | None, on_rows: Callable[[str, str, int], None] | None = None
-               ) -> pb.LookupResponse:
-    """Answer a whole LookupRequest for an acquired version.
-
-    `deadline` is a time.monotonic() value (None = no deadline), checked before each
-    group. `on_rows(table, output, rows)` is called per group served (metrics).
-    """
-    resp = pb.LookupResponse(model=version.model, version=version.version,
-                             fingerprint=version.fingerprint, shard=shard, num_shards=num_shards)
-    results, served = [], []
-    for g in req.tables:
+def execute(groups: list[Group], version: LoadedVersion, rid: int, cfg: ServerConfig,
+            deadline: float | None) -> bytes:
+    """The LookupResponse wire bytes; `deadline` (time.monotonic(), None = none) is checked
+    before each group."""
+    head = response_head(version.model, version.version, version.fingerprint, cfg.shard,
+                         cfg.num_shards)
+    answer = Answer(head, [(result_head(g.name.encode(), g.table.spec.dim if g.table else 0, g.count,
+                                        g.count * g.width), g.count * g.width) for g in groups],
+                    id_field(rid))
+    for g, slot in zip(groups, answer.slots, strict=True):
         if deadline is not None and time.monotonic() > deadline:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"deadline passed before table {g.table!r} was looked up")
-        result, n = lookup_group(version, g, shard, num_shards)
-        results.append(result)
-        served.append((g.table, OUTPUT_NAMES[g.output], n))
-    resp.results.extend(results)
-    if on_rows is not None:  # only once the whole request has succeeded
-        for table, output, n in served:
-            on_rows(table, output, n)
-    return resp
+                               f"deadline passed before table {g.name!r} was looked up")
+        _fill(g, slot)
+    return answer.tobytes()

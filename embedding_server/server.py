@@ -6,8 +6,9 @@ A sync grpc.server with a thread pool, chosen by measurement on this 2-core mach
 grpc.aio, which stalls on ~80 KB responses. The kernels release the GIL, so handler
 threads overlap their numpy/torch work.
 
-SIGTERM / SIGINT: health turns NOT_SERVING, new lookups get UNAVAILABLE, running ones
-get up to --grace-period seconds to finish, the server stops, the process exits 0.
+SIGTERM / SIGINT: health turns NOT_SERVING, new lookups get UNAVAILABLE (on streams: failure
+reason draining, then the streams end), running ones get up to --grace-period seconds to
+finish, the server stops, the process exits 0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from embedding_server.runtime import setup_logging, stop_event, write_port_file
 from embedding_server.servicer import EmbeddingServicer
 from embedding_server.versions import VersionRegistry
 from protos import embedding_pb2 as pb
-from protos import embedding_pb2_grpc as pbg
 
 log = logging.getLogger("embedding_server")
 _QUIET_S = 0.2  # SIGTERM: stop once no lookup has arrived for this long (or the grace ends)
@@ -42,6 +42,21 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 def _set_health(h: health.HealthServicer, status: int) -> None:
     for name in ("", SERVICE_NAME):
         h.set(name, status)
+
+
+def method_handlers(servicer: EmbeddingServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """EmbeddingService's handlers, as protoc's add_..._to_server makes them, except that
+    Lookup and LookupStream answer wire bytes already (no response serializer)."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["EmbeddingService"].methods:
+        parse = getattr(pb, m.input_type.name).FromString
+        serialize = (None if m.name in ("Lookup", "LookupStream")
+                     else getattr(pb, m.output_type.name).SerializeToString)
+        make = (grpc.stream_stream_rpc_method_handler if m.client_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=parse,
+                                response_serializer=serialize)
+    return handlers
 
 
 def build_server(cfg: ServerConfig, servicer: EmbeddingServicer, health_servicer: health.HealthServicer
@@ -57,7 +72,9 @@ def build_server(cfg: ServerConfig, servicer: EmbeddingServicer, health_servicer
     ]
     server = grpc.server(ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="rpc"),
                          options=options)
-    pbg.add_EmbeddingServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -151,17 +168,21 @@ def drain(server: grpc.Server, servicer: EmbeddingServicer, health_servicer: hea
           grace_s: float) -> None:
     """Finish running lookups, answer new ones UNAVAILABLE, then stop the server.
 
-    Lookups are refused with a retriable UNAVAILABLE while the running ones finish, and
-    until none has arrived for _QUIET_S, before server.stop(): on stop, grpc core
-    CANCELs calls that have arrived but not yet reached a handler, and clients do not
-    retry CANCELLED.
+    Lookups are refused with a retriable UNAVAILABLE (streamed ones: failure reason
+    draining) while the running ones finish, and until none has arrived for _QUIET_S and
+    every stream has ended itself (embedding_server.streams), before server.stop(): on
+    stop, grpc core CANCELs calls that have arrived but not yet reached a handler, and
+    clients do not retry CANCELLED.
     """
     servicer.draining = True
+    servicer.streams.wake_all()
     health_servicer.enter_graceful_shutdown()
     deadline = time.monotonic() + grace_s
-    log.info("draining: %d lookups in flight, up to %.1fs for them", servicer.inflight, grace_s)
+    log.info("draining: %d lookups in flight, %d streams open, up to %.1fs for them",
+             servicer.inflight, len(servicer.streams), grace_s)
     while time.monotonic() < deadline and (
-            servicer.inflight or time.monotonic() - servicer.last_arrival < _QUIET_S):
+            servicer.inflight or len(servicer.streams)
+            or time.monotonic() - servicer.last_arrival < _QUIET_S):
         time.sleep(0.005)
     server.stop(max(deadline - time.monotonic(), 0.0)).wait()
     log.info("stopped: %d lookups still running were cancelled by the grace period", servicer.inflight)

@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from embedding_server.auth import PEER_HEADER, AdminAuth, metadata_value
+from embedding_server.auth import PEER_HEADER, AdminAuth, LookupToken, metadata_value
 from embedding_server.config import ServerConfig
-from embedding_server.errors import ServiceError
-from embedding_server.limits import LookupToken, check_answer, check_cost
-from embedding_server.lookup import run_lookup
+from embedding_server.errors import DRAINING, REASON_KEY, VERSION_NOT_LOADED, ServiceError, internal_error
+from embedding_server.lookup import OUTPUT_NAMES, execute, measure, resolve
 from embedding_server.metrics import Metrics
 from embedding_server.peers import Peers, merge_version_lists
+from embedding_server.streams import StreamSet, serve_stream
 from embedding_server.versions import Entry, VersionRegistry
 from modelpack.lookup import DRAINING_METADATA
 from modelpack.schema import SchemaError, check_name
@@ -52,72 +52,104 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
         self.lookup_token = LookupToken(cfg.lookup_token())
         self.admin_port: int | None = None  # bound --admin-port: admin RPCs only there
         self._inflight = 0
-        self.draining = False  # set on SIGTERM: new lookups get UNAVAILABLE, running ones finish
+        self.draining = False  # set on SIGTERM: new lookups get UNAVAILABLE (reason draining)
         self.last_arrival = 0.0  # time.monotonic() of the latest Lookup call
         self._lock = threading.Lock()
-        self._on_rows: Callable[[str, str, int], None] = (
-            lambda table, output, n: metrics.rows.labels(table, output).inc(n))
+        self._counters: dict[tuple[str, int], Any] = {}
+        self.streams = StreamSet(cfg.max_streams)
 
     @property
     def inflight(self) -> int:
         """Lookups being handled right now."""
         return self._inflight
 
-    def _abort(self, context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
+    def count_error(self, err: ServiceError) -> None:
         self.metrics.errors.labels(err.code.name).inc()
+
+    def _abort(self, context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
+        self.count_error(err)
+        trailers = [(REASON_KEY, err.reason)]
+        if err.reason == DRAINING:
+            trailers.append(DRAINING_METADATA)
+        context.set_trailing_metadata(tuple(trailers))
         context.abort(err.code, err.message)
         raise AssertionError("context.abort returned")  # it raises; this satisfies NoReturn
 
     # ---------------------------------------------------------------- Lookup
 
-    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
-        t0 = time.perf_counter()
+    def refuse_draining(self) -> None:
+        """UNAVAILABLE (reason draining) once SIGTERM has arrived."""
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               "embedding server is shutting down (SIGTERM); retry on another replica",
+                               DRAINING)
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> bytes:
+        """The answer as LookupResponse wire bytes (registered with no response serializer)."""
         self.last_arrival = time.monotonic()
         try:
             self.lookup_token.check(context)
-        except ServiceError as e:
-            self._abort(context, e)
-        if self.draining:
-            context.set_trailing_metadata((DRAINING_METADATA,))
-            self._abort(context, ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                "embedding server is shutting down (SIGTERM); retry on another replica"))
-        with self._lock:
-            if self._inflight >= self.cfg.max_concurrent:
-                overloaded = True
-            else:
-                overloaded = False
-                self._inflight += 1
-        if overloaded:
-            self._abort(context, ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"embedding server overloaded: {self.cfg.max_concurrent} lookups already in flight "
-                "(--max-concurrent); retry later or on another replica"))
-        self.metrics.inflight.inc()
-        try:
+            self.refuse_draining()
             left = _remaining(context)
-            if left is not None and left <= 0:
-                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   "deadline passed before the lookup started")
-            self._names(request.model, request.version)
-            cost = check_cost(request, self.cfg)  # the cost limits, before any work
-            with self.versions.acquire(request.model, request.version, request.fingerprint) as v:
-                check_answer(request, cost, v.tables, self.cfg)
-                resp = run_lookup(v, request, shard=self.cfg.shard, num_shards=self.cfg.num_shards,
-                                  deadline=None if left is None else time.monotonic() + left,
-                                  on_rows=self._on_rows)
-            self.metrics.lookup_seconds.observe(time.perf_counter() - t0)
-            return resp
+            return self.answer(request, None if left is None else time.monotonic() + left)
         except ServiceError as e:
             self._abort(context, e)
         except Exception as e:  # a bug, not the caller's fault: say so, keep serving
             log.exception("Lookup failed")
-            self._abort(context, ServiceError(grpc.StatusCode.INTERNAL,
-                                              f"embedding server error: {type(e).__name__}: {e}"))
+            self._abort(context, internal_error(e))
+
+    def LookupStream(self, requests: Iterator[pb.LookupRequest], context: grpc.ServicerContext
+                     ) -> Iterator[bytes]:
+        return serve_stream(self, requests, context)
+
+    def answer(self, request: pb.LookupRequest, deadline: float | None) -> bytes:
+        """One lookup, unary or streamed: its wire bytes, or ServiceError. `deadline` is a
+        time.monotonic() value (None = none); the request's own timeout_s can shorten it."""
+        t0 = time.perf_counter()
+        with self._lock:
+            overloaded = self._inflight >= self.cfg.max_concurrent
+            if not overloaded:
+                self._inflight += 1
+        if overloaded:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"embedding server overloaded: {self.cfg.max_concurrent} lookups already in flight "
+                "(--max-concurrent); retry later or on another replica")
+        self.metrics.inflight.inc()
+        try:
+            if request.timeout_s > 0:
+                mine = time.monotonic() + request.timeout_s
+                deadline = mine if deadline is None else min(deadline, mine)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "deadline passed before the lookup started")
+            groups = measure(request, self.cfg)  # the cost limits, before anything else
+            try:
+                entry, version = self.versions.hold(request.model, request.version, request.fingerprint)
+            except ServiceError as e:  # names are checked only here: a READY entry's are valid
+                if e.reason == VERSION_NOT_LOADED:
+                    self._names(request.model, request.version)
+                raise
+            try:
+                resolve(groups, version, self.cfg)
+                out = execute(groups, version, request.id, self.cfg, deadline)
+            finally:
+                self.versions.release(entry)
+            for g in groups:  # only once the whole lookup has succeeded
+                self._rows_counter(g.name, g.output).inc(g.num_rows)
+            self.metrics.lookup_seconds.observe(time.perf_counter() - t0)
+            return out
         finally:
             self.metrics.inflight.dec()
             with self._lock:
                 self._inflight -= 1
+
+    def _rows_counter(self, table: str, output: int) -> Any:
+        key = (table, output)
+        c = self._counters.get(key)
+        if c is None:  # resolved once per (table, output): labels() costs a lock and a dict
+            c = self._counters[key] = self.metrics.rows.labels(table, OUTPUT_NAMES[output])
+        return c
 
     # ---------------------------------------------------------------- admin
 

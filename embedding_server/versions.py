@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from embedding_server.errors import ServiceError
+from embedding_server.errors import FINGERPRINT_MISMATCH, VERSION_NOT_LOADED, ServiceError
 from embedding_server.table_store import (
     LoadedVersion,
     StoreError,
@@ -68,28 +68,37 @@ class VersionRegistry:
 
     # ------------------------------------------------------------------ lookups
 
-    @contextmanager
-    def acquire(self, model: str, version: str, fingerprint: str) -> Iterator[LoadedVersion]:
-        """Hold a READY version for one lookup; FAILED_PRECONDITION if it is not servable."""
+    def hold(self, model: str, version: str, fingerprint: str) -> tuple[Entry, LoadedVersion]:
+        """Hold a READY version for one lookup (release() the entry after); FAILED_PRECONDITION
+        with reason version_not_loaded or fingerprint_mismatch if it is not servable."""
         with self._cond:
             e = self._entries.get((model, version))
             if e is None or e.state != "READY" or e.loaded is None:
-                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, self._not_ready(model, version, e))
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, self._not_ready(model, version, e),
+                                   VERSION_NOT_LOADED)
             if fingerprint and fingerprint != e.fingerprint:
                 raise ServiceError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"version {model}/{version} on shard {self.shard} has fingerprint "
-                    f"{e.fingerprint}, the request expects {fingerprint}",
-                )
+                    f"{e.fingerprint}, the request expects {fingerprint}", FINGERPRINT_MISMATCH)
             e.in_flight += 1
-            loaded = e.loaded
+            return e, e.loaded  # the mapping as of now: a timed-out unload may drop e.loaded
+
+    def release(self, e: Entry) -> None:
+        """End a hold(): what UnloadVersion's drain waits for."""
+        with self._cond:
+            e.in_flight -= 1
+            if e.in_flight == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def acquire(self, model: str, version: str, fingerprint: str) -> Iterator[LoadedVersion]:
+        """hold() and release() around a block, yielding the mapped version."""
+        e, loaded = self.hold(model, version, fingerprint)
         try:
             yield loaded
         finally:
-            with self._cond:
-                e.in_flight -= 1
-                if e.in_flight == 0:
-                    self._cond.notify_all()
+            self.release(e)
 
     def _not_ready(self, model: str, version: str, e: Entry | None) -> str:
         if e is None:

@@ -37,7 +37,7 @@ def test_parse_and_validate(tmp_path: Path) -> None:
                             str(tmp_path / "tok"), "--memory-budget", "1G", "--workers", "2"])
     assert (cfg.shard, cfg.num_shards, cfg.preload) == (1, 3, (("m", "v1"), ("m", "v2")))
     assert cfg.admin_token == "s3cret" and "s3cret" not in repr(cfg)
-    assert cfg.memory_budget_bytes == 10**9 and cfg.threads == cfg.max_concurrent + 8
+    assert cfg.memory_budget_bytes == 10**9 and cfg.threads == cfg.max_concurrent + cfg.max_streams + 8
     child = config_from_args(worker_argv(cfg, 4321, tmp_path))
     assert (child.port, child.workers, child.peer_dir, child.preload) == (4321, 1, tmp_path, cfg.preload)
     assert child.admin_token == "s3cret" and child.metrics_port is None and child.port_file is None
