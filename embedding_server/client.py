@@ -1,19 +1,23 @@
 """Async client of a sharded EmbeddingService: the one door between the tiers.
 
-One logical lookup (several tables, global rows) is split by row range into one
-`Lookup` per shard carrying every table, all fired at once; the answers are checked
-against the requested model, version and fingerprint and merged back into request
-order. Replicas of a shard sit behind one gRPC channel whose target gRPC resolves
-itself (`dns:///host:port`, or `ipv4:a:p1,b:p2` for fixed addresses) and balances with
-its own `round_robin` policy; UNAVAILABLE is retried, on the next replica, for a short
-budget (a draining replica hands over to a sibling) but not until the deadline: a shard
-whose every replica refuses fails the lookup in milliseconds. Depends on protos and
-modelpack only (no FBGEMM, no server code).
+One logical lookup (several tables, global rows) is split by row range into one lookup
+per shard carrying every table, all fired at once; the answers are checked against the
+requested model, version and fingerprint and merged back into request order.
+
+Two transports (`transport=`): "stream" (default) keeps one long-lived LookupStream per
+shard replica, round-robin over those that are up (embedding_server.client_streams);
+"unary" sends one `Lookup` call per shard on a channel whose target gRPC resolves itself
+(`dns:///host:port`, or `ipv4:a:p1,b:p2`) and balances with its `round_robin` policy.
+Both follow one retry rule (`_call`): UNAVAILABLE from a draining replica is retried on
+another until the deadline, an unreachable one a few times within a short budget, so a
+shard whose every replica refuses fails the lookup in milliseconds. Depends on protos
+and modelpack only (no FBGEMM, no server code).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -23,8 +27,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from embedding_server.client_streams import AttemptFailed, ShardStreams, reason_of
 from modelpack.hashing import shard_bounds
-from modelpack.lookup import DRAINING_METADATA, TableQuery, split_rows
+from modelpack.lookup import FINGERPRINT_MISMATCH, VERSION_NOT_LOADED, TableQuery, split_rows
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pb_grpc
 
@@ -56,19 +61,27 @@ RETRY_ATTEMPTS = 5
 RETRY_BUDGET_S = 0.1
 POOLING = {"none": pb.POOLING_NONE, "sum": pb.POOLING_SUM, "mean": pb.POOLING_MEAN}
 OUTPUT = {"int4": pb.OUTPUT_INT4_PACKED, "fp16": pb.OUTPUT_FP16, "fp32": pb.OUTPUT_FP32}
+TRANSPORTS = ("stream", "unary")
 
 
 class EmbeddingLookupError(Exception):
-    """A lookup that failed; `code` is the gRPC status of the failing shard, if any."""
+    """A lookup that failed; `code` is the gRPC status of the failing shard, if any, and
+    `reason` the shard's machine-readable reason (protos/embedding.proto), if it gave one."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None, shard: int = -1) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, shard: int = -1,
+                 reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.shard = shard
+        self.reason = reason
 
 
 class VersionMismatchError(EmbeddingLookupError):
-    """A shard answered with another model version or fingerprint than requested."""
+    """A shard answered with, or holds, another model version or fingerprint than requested."""
+
+
+class VersionNotLoadedError(EmbeddingLookupError):
+    """A shard does not hold the requested version READY (not loaded yet, or unloading)."""
 
 
 def replicas_target(addresses: Sequence[str]) -> str:
@@ -84,24 +97,40 @@ def replicas_target(addresses: Sequence[str]) -> str:
 class _Part:
     """What one shard must answer for one table, and where its answer goes."""
 
-    positions: npt.NDArray[np.int64]  # for unpooled: output rows this shard fills
+    positions: npt.NDArray[np.int64] | slice  # for unpooled: output rows this shard fills
     request: pb.TableLookup
+
+
+def _ascending(rows: npt.NDArray[np.int64]) -> bool:
+    return rows.size < 2 or bool((rows[1:] > rows[:-1]).all())
+
+
+def _error(k: int, e: AttemptFailed, tried: str) -> EmbeddingLookupError:
+    """The client's exception for shard k's failure: its reason picks the class."""
+    cls = {VERSION_NOT_LOADED: VersionNotLoadedError,
+           FINGERPRINT_MISMATCH: VersionMismatchError}.get(e.reason, EmbeddingLookupError)
+    return cls(f"shard {k}: {e.code.name}: {e.message}{tried}", e.code, k, e.reason)
 
 
 class EmbeddingClient:
     """Fans lookups out to `shards` (each a list of replica addresses or one dns:/// target)."""
 
     def __init__(self, shards: Sequence[Sequence[str]], *, default_timeout_s: float = 1.0,
-                 lookup_token: str | None = None) -> None:
+                 lookup_token: str | None = None, transport: str = "stream") -> None:
         if not shards:
             raise ValueError("need at least one embedding shard")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.targets = [replicas_target(s) for s in shards]
         self.replicas = [list(s) for s in shards]
         self.default_timeout_s = default_timeout_s
         # Sent with every Lookup, for shards started with --lookup-token-file.
         self._metadata = (("authorization", f"Bearer {lookup_token}"),) if lookup_token else None
+        self.transport = transport
+        self._streams = [ShardStreams(r, _CHANNEL_OPTIONS, self._metadata)
+                         for r in self.replicas] if transport == "stream" else []
         self._channels = [grpc.aio.insecure_channel(t, options=_CHANNEL_OPTIONS)
-                          for t in self.targets]
+                          for t in self.targets] if transport == "unary" else []
         self._stubs = [
             pb_grpc.EmbeddingServiceStub(c)  # type: ignore[no-untyped-call]
             for c in self._channels
@@ -109,14 +138,24 @@ class EmbeddingClient:
 
     @property
     def num_shards(self) -> int:
-        return len(self._stubs)
+        return len(self.targets)
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self._channels))
+        await asyncio.gather(*(s.close() for s in self._streams),
+                             *(c.close() for c in self._channels))
 
     def _split(self, q: TableQuery) -> list[_Part]:
-        by_shard = split_rows(q.rows, shard_bounds(q.num_rows, self.num_shards))
+        bounds = shard_bounds(q.num_rows, self.num_shards)
         pooled = q.pooling != "none"
+        by_shard: list[npt.NDArray[np.int64]] | list[slice]
+        if not pooled and _ascending(q.rows):
+            # De-duplicated rows (modelpack.lookup.unique_rows) are ascending: each shard's
+            # part is one slice, cut with one searchsorted instead of a scan per shard.
+            cuts = np.searchsorted(q.rows, bounds).tolist()
+            cuts[0], cuts[-1] = 0, q.rows.size  # out-of-range rows: the edge shards refuse them
+            by_shard = [slice(a, b) for a, b in itertools.pairwise(cuts)]
+        else:
+            by_shard = split_rows(q.rows, bounds)
         if pooled:
             assert q.offsets is not None
             bag = np.searchsorted(q.offsets, np.arange(q.rows.size), side="right") - 1
@@ -138,8 +177,23 @@ class EmbeddingClient:
             parts.append(_Part(idx, req))
         return parts
 
+    async def _attempt(self, k: int, request: pb.LookupRequest, timeout_s: float
+                       ) -> pb.LookupResponse:
+        """One try at shard k, on the next replica; AttemptFailed if it did not answer rows."""
+        # The shard gives up on it at our deadline too, rather than gather rows nobody reads.
+        request.timeout_s = timeout_s
+        if self._streams:
+            return await self._streams[k].lookup(request, timeout_s)
+        try:
+            resp: pb.LookupResponse = await self._stubs[k].Lookup(
+                request, timeout=timeout_s, metadata=self._metadata)
+            return resp
+        except grpc.aio.AioRpcError as e:
+            raise AttemptFailed(e.code(), reason_of(e.trailing_metadata()),
+                                e.details() or "") from None
+
     async def _call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:
-        start = time.monotonic()
+        first_failure = 0.0
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -147,24 +201,25 @@ class EmbeddingClient:
                 raise EmbeddingLookupError(f"shard {k}: deadline exceeded",
                                            grpc.StatusCode.DEADLINE_EXCEEDED, k)
             try:
-                resp: pb.LookupResponse = await self._stubs[k].Lookup(
-                    request, timeout=remaining, metadata=self._metadata)
-                return resp
-            except grpc.aio.AioRpcError as e:
+                return await self._attempt(k, request, remaining)
+            except AttemptFailed as e:
                 attempt += 1
-                # UNAVAILABLE: the replica is down or draining; round_robin moves on. A draining
-                # replica answered, so a sibling may well be up: retry until the deadline. One that
-                # cannot be reached gets a few quick tries, so a shard with no live replica fails
-                # in milliseconds instead of at the deadline.
+                # UNAVAILABLE: the replica is down or draining; the next try goes to the next
+                # replica. A draining replica answered, so a sibling may well be up: retry until
+                # the deadline. One that cannot be reached gets a few quick tries, so a shard
+                # with no live replica fails in milliseconds instead of at the deadline.
+                # The budget counts from the first failure: a lookup that waited long on a
+                # replica that then died (a stream reset mid-flight) still gets its quick tries.
                 now = time.monotonic()
-                draining = DRAINING_METADATA in tuple(e.trailing_metadata() or ())
-                if e.code() == grpc.StatusCode.UNAVAILABLE and now < deadline and (
-                        draining or (attempt < RETRY_ATTEMPTS and now - start < RETRY_BUDGET_S)):
-                    await asyncio.sleep(min(0.005 * attempt, 0.02))
+                first_failure = first_failure or now
+                if e.code == grpc.StatusCode.UNAVAILABLE and now < deadline and (
+                        e.draining or (attempt < RETRY_ATTEMPTS
+                                       and now - first_failure < RETRY_BUDGET_S)):
+                    await asyncio.sleep(min(0.005 * (attempt - 1), 0.02))
                     continue
-                tried = f" (after {attempt} attempts in {(now - start) * 1000:.0f} ms)" if attempt > 1 else ""
-                raise EmbeddingLookupError(f"shard {k}: {e.code().name}: {e.details()}{tried}",
-                                           e.code(), k) from None
+                tried = (f" (after {attempt} attempts in {(now - first_failure) * 1000:.0f} ms)"
+                         if attempt > 1 else "")
+                raise _error(k, e, tried) from None
 
     async def lookup(self, model: str, version: str, fingerprint: str,
                      queries: Sequence[TableQuery], timeout_s: float | None = None
@@ -220,10 +275,12 @@ class EmbeddingClient:
         merged = np.empty((q.rows.size, width), dtype=dtype)
         for p, r in zip(parts, results, strict=True):
             data = np.frombuffer(r.data, dtype=dtype)
-            if data.size != p.positions.size * width:
+            pos = p.positions
+            n = pos.stop - pos.start if isinstance(pos, slice) else pos.size
+            if data.size != n * width:
                 raise EmbeddingLookupError(f"table {q.table}: shard answered {data.size} values, "
-                                   f"expected {p.positions.size * width}")
-            merged[p.positions] = data.reshape(-1, width)
+                                           f"expected {n * width}")
+            merged[pos] = data.reshape(-1, width)
         return merged
 
     async def list_versions(self, timeout_s: float = 2.0) -> list[list[pb.ListVersionsResponse]]:

@@ -20,6 +20,12 @@ _SCAN_PARTS = 8
 # away, a sibling can answer". Clients keep retrying on it up to their deadline, whereas a
 # replica that cannot be reached at all is given up on within milliseconds.
 DRAINING_METADATA = ("x-embedding-draining", "1")
+# Why a lookup failed, machine-readable (protos/embedding.proto lists them all): unary
+# errors carry it in this trailing metadata key, LookupStream answers in LookupFailure.reason.
+REASON_METADATA = "x-embedding-reason"
+VERSION_NOT_LOADED = "version_not_loaded"  # the shard does not hold the version READY
+FINGERPRINT_MISMATCH = "fingerprint_mismatch"  # it holds another build of it: the alarm
+DRAINING = "draining"  # it is shutting down: another replica can answer
 # Packed INT4 rows, one per looked-up row: uint8 (rows, 4 + dim/2) in FBGEMM's TBE layout.
 Packed = npt.NDArray[np.uint8]
 
@@ -52,6 +58,18 @@ def split_rows(rows: npt.NDArray[np.int64], bounds: npt.NDArray[np.int64]
     starts = np.zeros(bounds.size, dtype=np.int64)
     np.cumsum(np.bincount(shard, minlength=parts), out=starts[1:])
     return [order[starts[k]:starts[k + 1]].astype(np.int64) for k in range(parts)]
+
+
+def unique_rows(rows: npt.NDArray[np.int64]
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+    """Each row once, ascending, and `inverse` with unique[inverse] == rows.
+
+    Zipf traffic repeats rows within a batch (popular ads, one user per candidate): ask
+    for each once, expand the answer with `inverse`. Ascending, so every row range (a
+    shard's part) is one contiguous slice of `unique` (np.searchsorted on the bounds).
+    """
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return unique.astype(np.int64, copy=False), inverse.reshape(-1)
 
 
 def gather_rows(rows: npt.NDArray[np.int64], num_rows: int, num_parts: int, width: int,

@@ -40,6 +40,15 @@ class Metrics:
         self.version_mismatch = Counter(
             "ranker_version_mismatch", "Requests failed because a shard answered with another "
             "version or fingerprint than the request was pinned to.", registry=r)
+        self.version_not_loaded = Counter(
+            "ranker_version_not_loaded", "Requests failed because a shard does not hold the "
+            "version the request was pinned to READY (not loaded yet, or unloading).", registry=r)
+        self.lookup_rows_requested = Counter(
+            "ranker_lookup_rows_requested", "Table rows the batches asked for, repeats included.",
+            registry=r)
+        self.lookup_rows_unique = Counter(
+            "ranker_lookup_rows_unique", "Table rows sent to the embedding shards: each row once "
+            "per table per batch.", registry=r)
         self.errors = Counter(
             "ranker_errors", "Failed requests by reason.", ["reason"], registry=r)
         self.requests = Counter(
@@ -58,6 +67,14 @@ class Metrics:
         self.traffic_share = Gauge(
             "ranker_traffic_share", "Share of new requests routed to a version.",
             ["version"], registry=r)
+
+    def count_failed_request(self, reason: str) -> None:
+        """A request failed for `reason`: the two version failures have counters of their own
+        (counted per request, even if its caller already gave up: the rollout gates read them)."""
+        if reason == "version_mismatch":
+            self.version_mismatch.inc()
+        elif reason == "version_not_loaded":
+            self.version_not_loaded.inc()
 
     def forget_version(self, version: str) -> None:
         """Drop the gauges of an unloaded version so dashboards stop showing it."""

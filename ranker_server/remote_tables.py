@@ -1,48 +1,76 @@
 """TableSource over the embedding shards, through embedding_server.client (the one door).
 
-One Lookup per shard per batch; the client's errors become RankErrors with the HTTP
-status an ads backend can act on, and a shard serving another build is a
-version_mismatch (the alarm), never a score.
+One lookup per shard per batch, each table's rows de-duplicated before the wire and
+expanded after; the client's errors become RankErrors with the HTTP status an ads
+backend can act on. A shard serving another build is a version_mismatch (the alarm),
+never a score; a shard that does not hold the version is version_not_loaded (an
+ordinary state during a rollout or a restart, not the alarm).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
-from embedding_server.client import EmbeddingClient, EmbeddingLookupError, VersionMismatchError
-from modelpack.lookup import Packed, TableQuery
+from embedding_server.client import (
+    EmbeddingClient,
+    EmbeddingLookupError,
+    VersionMismatchError,
+    VersionNotLoadedError,
+)
+from modelpack.lookup import Packed, TableQuery, unique_rows
 from modelpack.manifest import Manifest
 from ranker_server.errors import RankError
 from ranker_server.sources import PrepareError
 from ranker_server.versions import LoadedVersion
+
+if TYPE_CHECKING:
+    from ranker_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _READY = 2  # embedding_pb2.VERSION_STATE_READY, spelled out to keep protos' enum out of types
 
 
 class RemoteTables:
-    """Embedding shards behind embedding_server.client: one Lookup per shard per batch."""
+    """Embedding shards behind embedding_server.client: one lookup per shard per batch."""
 
     def __init__(self, shards: Sequence[Sequence[str]], prepare_timeout_s: float, *,
-                 lookup_token: str | None = None) -> None:
-        self.client = EmbeddingClient(shards, lookup_token=lookup_token)
+                 lookup_token: str | None = None, transport: str = "stream",
+                 metrics: Metrics | None = None) -> None:
+        self.client = EmbeddingClient(shards, lookup_token=lookup_token, transport=transport)
         self.prepare_timeout_s = prepare_timeout_s
+        self.metrics = metrics
 
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
                      timeout_s: float) -> list[Packed]:
         m = version.manifest
+        # Each row once per table (pooled queries keep their bags as they are).
+        sent: list[TableQuery] = []
+        inverses: list[npt.NDArray[np.intp] | None] = []
+        for q in queries:
+            if q.pooling == "none":
+                unique, inverse = unique_rows(q.rows)
+                sent.append(dataclasses.replace(q, rows=unique))
+                inverses.append(inverse)
+            else:
+                sent.append(q)
+                inverses.append(None)
+        if self.metrics is not None:
+            self.metrics.lookup_rows_requested.inc(sum(q.rows.size for q in queries))
+            self.metrics.lookup_rows_unique.inc(sum(q.rows.size for q in sent))
         try:
-            out = await self.client.lookup(m.model, m.version, m.fingerprint, queries,
+            out = await self.client.lookup(m.model, m.version, m.fingerprint, sent,
                                            timeout_s=timeout_s)
-        except VersionMismatchError as e:
-            raise _mismatch(m, str(e)) from None
         except EmbeddingLookupError as e:
             raise _lookup_error(m, e) from None
-        return [np.asarray(a, dtype=np.uint8) for a in out]
+        return [np.asarray(a if inv is None else a[inv], dtype=np.uint8)
+                for a, inv in zip(out, inverses, strict=True)]
 
     async def prepare(self, manifest: Manifest) -> None:
         """Every replica of every shard must list this version READY with our fingerprint."""
@@ -91,9 +119,16 @@ def _mismatch(m: Manifest, said: str) -> RankError:
 
 
 def _lookup_error(m: Manifest, e: EmbeddingLookupError) -> RankError:
+    if isinstance(e, VersionMismatchError):
+        return _mismatch(m, str(e))
+    if isinstance(e, VersionNotLoadedError):
+        return RankError(503, "version_not_loaded",
+                         f"shard {e.shard} does not hold {m.model}/{m.version} ready: {e}",
+                         retry_after_s=1)
     code = e.code
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        # The shard refused our version or fingerprint: it serves another build.
+        # A shard that gives no reason (an older build) refused our version or fingerprint:
+        # it may serve another build, so this stays the alarm.
         return _mismatch(m, f"shard {e.shard} refused it: {e}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RankError(504, "deadline", f"embedding lookup deadline exceeded: {e}")

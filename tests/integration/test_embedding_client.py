@@ -3,10 +3,15 @@
 Servers (started once per module, in parallel, on free ports):
 
 - s0, s1: shards 0 and 1 of 2 of `tiny/v1` (seed 1);
-- b, c: two more replicas of shard 1, the victims of the failover tests (shard 1 then
-  has three replicas; each failover test streams over two of them plus s0);
+- b, c, d: three more replicas of shard 1, the victims of the failover tests (each
+  failover test sends its lookups over two replicas of shard 1 plus s0);
 - x1: shard 1 of 2 of another build published under the same name `tiny/v1` (seed 2),
-  from a second store, so its fingerprint differs.
+  from a second store, so its fingerprint differs;
+- n1: shard 1 of 2 holding no version at all.
+
+The client's default transport is one LookupStream per replica; the tests of behaviour
+that the two transports implement apart (fan-out, version refusals, failover, deadlines)
+run over unary `Lookup` too.
 
 Expected values always come from the shard files through numpy
 (modelpack.int4.dequantize_rows), never from the server's or the client's code.
@@ -30,12 +35,17 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from embedding_server.client import EmbeddingClient, EmbeddingLookupError, VersionMismatchError
+from embedding_server.client import (
+    EmbeddingClient,
+    EmbeddingLookupError,
+    VersionMismatchError,
+    VersionNotLoadedError,
+)
 from loadtest.harness.probes import grpc_serving
 from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.hashing import shard_of
 from modelpack.int4 import dequantize_rows
-from modelpack.lookup import TableQuery
+from modelpack.lookup import FINGERPRINT_MISMATCH, VERSION_NOT_LOADED, TableQuery
 from modelpack.manifest import read_manifest
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
@@ -69,8 +79,9 @@ def servers(stores: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         "s0": _server(stores["main"], logs, "s0", "--shard", "0", *two),
         "s1": _server(stores["main"], logs, "s1", "--shard", "1", *two),
         **{r: _server(stores["main"], logs, r, "--shard", "1", *two, "--metrics-port", "0")
-           for r in ("b", "c")},
+           for r in ("b", "c", "d")},
         "x1": _server(stores["other"], logs, "x1", "--shard", "1", *two),
+        "n1": _server(stores["main"], logs, "n1", "--shard", "1", "--num-shards", "2"),
     }
     start_all(procs.values())
     yield procs
@@ -108,11 +119,11 @@ def query(rows: npt.NDArray[np.int64], output: str = "int4", pooling: str = "non
 
 
 def run_with(shards: list[list[str]], body: Callable[[EmbeddingClient], Awaitable[T]], *,
-             timeout_s: float = 5.0) -> T:
+             timeout_s: float = 5.0, transport: str = "stream") -> T:
     """Run `await body(client)` on a fresh EmbeddingClient, then close it."""
 
     async def main() -> T:
-        client = EmbeddingClient(shards, default_timeout_s=timeout_s)
+        client = EmbeddingClient(shards, default_timeout_s=timeout_s, transport=transport)
         try:
             return await body(client)
         finally:
@@ -128,8 +139,9 @@ def addresses(servers: dict[str, ServerProcess], *names: str) -> list[list[str]]
 # ------------------------------------------------------------------------- fan-out and merge
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 def test_fan_out_over_two_shards_merges_packed_rows_in_request_order(
-        stores: dict[str, Path], servers: dict[str, ServerProcess]) -> None:
+        stores: dict[str, Path], servers: dict[str, ServerProcess], transport: str) -> None:
     rng = np.random.default_rng(0)
     rows = rng.integers(0, ROWS, 3000)  # interleaved over both shards, with repeats
     rows[:4] = [999, 0, 500, 499]  # both edges of the shard boundary
@@ -140,7 +152,7 @@ def test_fan_out_over_two_shards_merges_packed_rows_in_request_order(
         return await c.lookup("tiny", "v1", fp, [query(rows), query(cats, table="cats"),
                                                  query(rows[:0])])
 
-    got = run_with(addresses(servers, "s0", "s1"), body)
+    got = run_with(addresses(servers, "s0", "s1"), body, transport=transport)
     assert len(got) == 3
     assert got[0].dtype == np.uint8 and got[0].shape == (rows.size, ROW_BYTES)
     assert np.array_equal(got[0], file_rows(stores["main"], "tiny", "unified", rows))
@@ -190,8 +202,9 @@ def test_pooled_bags_spanning_both_shards_equal_numpy(
 # ------------------------------------------------------------------------- version checks
 
 
-def test_fingerprint_of_another_build_is_refused(stores: dict[str, Path],
-                                                 servers: dict[str, ServerProcess]) -> None:
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_fingerprint_of_another_build_is_refused_as_a_mismatch(
+        stores: dict[str, Path], servers: dict[str, ServerProcess], transport: str) -> None:
     rows = np.arange(0, ROWS, 3)
     fp = fingerprint(stores["main"])
     assert fp != fingerprint(stores["other"])
@@ -199,10 +212,24 @@ def test_fingerprint_of_another_build_is_refused(stores: dict[str, Path],
     async def body(c: EmbeddingClient) -> None:
         await c.lookup("tiny", "v1", fp, [query(rows)])
 
-    with pytest.raises(EmbeddingLookupError) as e:  # the shard itself refuses our fingerprint
-        run_with(addresses(servers, "s0", "x1"), body)
+    with pytest.raises(VersionMismatchError) as e:  # the shard itself refuses our fingerprint
+        run_with(addresses(servers, "s0", "x1"), body, transport=transport)
     assert e.value.code == C.FAILED_PRECONDITION and e.value.shard == 1
+    assert e.value.reason == FINGERPRINT_MISMATCH
     assert f"the request expects {fp}" in str(e.value)
+
+
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_a_shard_without_the_version_is_not_loaded_not_a_mismatch(
+        stores: dict[str, Path], servers: dict[str, ServerProcess], transport: str) -> None:
+    async def body(c: EmbeddingClient) -> None:
+        await c.lookup("tiny", "v1", fingerprint(stores["main"]), [query(np.arange(0, ROWS, 3))])
+
+    with pytest.raises(VersionNotLoadedError) as e:
+        run_with(addresses(servers, "s0", "n1"), body, transport=transport)
+    assert not isinstance(e.value, VersionMismatchError)
+    assert e.value.code == C.FAILED_PRECONDITION and e.value.shard == 1
+    assert e.value.reason == VERSION_NOT_LOADED and "tiny/v1" in str(e.value)
 
 
 def test_shards_of_different_builds_never_merge_without_a_fingerprint(
@@ -224,12 +251,19 @@ class _LyingShard(pbg.EmbeddingServiceServicer):
         results = [pb.TableResult(table=t.table, dim=DIM, count=len(t.rows) // 8,
                                   data=bytes(len(t.rows) // 8 * ROW_BYTES)) for t in request.tables]
         return pb.LookupResponse(model=request.model, version=self.version, fingerprint=self.fp,
-                                 shard=1, num_shards=2, results=results)
+                                 shard=1, num_shards=2, results=results, id=request.id)
+
+    def LookupStream(self, requests: Iterator[pb.LookupRequest], context: grpc.ServicerContext
+                     ) -> Iterator[pb.LookupResponse]:
+        for r in requests:
+            yield self.Lookup(r, context)
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 @pytest.mark.parametrize(("version", "fp"), [("v2", "same"), ("v1", "sha256:0ther")])
 def test_echo_of_another_version_or_fingerprint_is_a_mismatch(
-        stores: dict[str, Path], servers: dict[str, ServerProcess], version: str, fp: str) -> None:
+        stores: dict[str, Path], servers: dict[str, ServerProcess], version: str, fp: str,
+        transport: str) -> None:
     """The client checks every answer's echo, even from a shard that skipped its own check."""
     want_fp = fingerprint(stores["main"])
     liar = grpc.server(futures.ThreadPoolExecutor(2))
@@ -243,7 +277,7 @@ def test_echo_of_another_version_or_fingerprint_is_a_mismatch(
 
     try:
         with pytest.raises(VersionMismatchError) as e:
-            run_with([[servers["s0"].address], [f"127.0.0.1:{port}"]], body)
+            run_with([[servers["s0"].address], [f"127.0.0.1:{port}"]], body, transport=transport)
     finally:
         liar.stop(0).wait()
     assert e.value.shard == 1
@@ -254,8 +288,8 @@ def test_echo_of_another_version_or_fingerprint_is_a_mismatch(
 
 
 def _stream(servers: dict[str, ServerProcess], stores: dict[str, Path], replicas: tuple[str, str],
-            sig: int, total: int = 600, concurrency: int = 8, at: int = 150
-            ) -> tuple[list[str], int, float]:
+            sig: int, transport: str = "stream", total: int = 600, concurrency: int = 8,
+            at: int = 150) -> tuple[list[str], int, float]:
     """`total` lookups, `concurrency` at a time, over s0 and two replicas of shard 1; `sig`
     hits the second replica after `at` answers. Returns one outcome per lookup, the
     victim's exit code, and the rows the victim had served when it got the signal."""
@@ -283,7 +317,10 @@ def _stream(servers: dict[str, ServerProcess], stores: dict[str, Path], replicas
 
         await asyncio.gather(*(one(i) for i in range(total)))
 
-    run_with([[servers["s0"].address], [servers[n].address for n in replicas]], body)
+    run_with([[servers["s0"].address], [servers[n].address for n in replicas]], body,
+             transport=transport)
+    # Wait for the exit the one signal causes; stop() would signal again if it still ran.
+    victim_proc.wait(30)
     return outcomes, victim_proc.stop(sig, timeout=30), served[0]
 
 
@@ -293,9 +330,11 @@ def _rows_served(s: ServerProcess) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+@pytest.mark.parametrize(("transport", "victim"), [("stream", "b"), ("unary", "d")])
 def test_sigkill_of_one_replica_mid_stream_loses_no_lookup(
-        stores: dict[str, Path], servers: dict[str, ServerProcess]) -> None:
-    outcomes, code, served = _stream(servers, stores, ("c", "b"), signal.SIGKILL)
+        stores: dict[str, Path], servers: dict[str, ServerProcess], transport: str,
+        victim: str) -> None:
+    outcomes, code, served = _stream(servers, stores, ("c", victim), signal.SIGKILL, transport)
     assert code == -signal.SIGKILL
     assert served > 0  # the victim was in the rotation when it died
     failed = [o for o in outcomes if o != "ok"]
@@ -305,6 +344,8 @@ def test_sigkill_of_one_replica_mid_stream_loses_no_lookup(
 
 def test_sigterm_of_one_replica_mid_stream_loses_no_lookup(
         stores: dict[str, Path], servers: dict[str, ServerProcess]) -> None:
+    """The victim answers what its streams already carry, refuses the rest as `draining`
+    (retried on s1), ends its streams and exits 0."""
     outcomes, code, served = _stream(servers, stores, ("s1", "c"), signal.SIGTERM)
     assert code == 0, servers["c"].log_tail()  # drained and exited cleanly
     assert served > 0
@@ -313,14 +354,20 @@ def test_sigterm_of_one_replica_mid_stream_loses_no_lookup(
     assert "draining:" in servers["c"].log_tail()
 
 
-def test_too_short_a_deadline_is_deadline_exceeded(servers: dict[str, ServerProcess]) -> None:
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_too_short_a_deadline_is_deadline_exceeded(servers: dict[str, ServerProcess],
+                                                   transport: str) -> None:
     big = np.random.default_rng(5).integers(0, ROWS, 1_000_000)
 
     async def body(c: EmbeddingClient) -> None:
-        await c.lookup("tiny", "v1", "", [query(big, "fp32")], timeout_s=0.02)
+        t0 = time.perf_counter()
+        try:
+            await c.lookup("tiny", "v1", "", [query(big, "fp32")], timeout_s=0.02)
+        finally:  # the deadline holds: no waiting for the answer
+            assert time.perf_counter() - t0 < 0.5
 
     with pytest.raises(EmbeddingLookupError) as e:
-        run_with(addresses(servers, "s0", "s1"), body)
+        run_with(addresses(servers, "s0", "s1"), body, transport=transport)
     assert e.value.code == C.DEADLINE_EXCEEDED, e.value
     assert not isinstance(e.value, VersionMismatchError)
 

@@ -1,0 +1,66 @@
+"""RemoteTables: a shard without the version is version_not_loaded, never the mismatch alarm."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from embedding_server.client import (
+    EmbeddingLookupError,
+    VersionMismatchError,
+    VersionNotLoadedError,
+)
+from modelpack.lookup import FINGERPRINT_MISMATCH, VERSION_NOT_LOADED
+from ranker_server.errors import RankError
+from ranker_server.metrics import Metrics
+from ranker_server.remote_tables import RemoteTables
+from ranker_server.versions import LoadedVersion
+
+FP = "sha256:" + "ab" * 32
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FailingClient:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def lookup(self, *args: Any, **kw: Any) -> list[Any]:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (VersionNotLoadedError("shard 1: FAILED_PRECONDITION: not loaded", FAILED, 1, VERSION_NOT_LOADED),
+     "version_not_loaded"),
+    (VersionMismatchError("shard 1: FAILED_PRECONDITION: expects another", FAILED, 1,
+                          FINGERPRINT_MISMATCH), "version_mismatch"),
+    # An older shard that gives no reason: it may serve another build, so it stays the alarm.
+    (EmbeddingLookupError("shard 1: FAILED_PRECONDITION: refused", FAILED, 1), "version_mismatch"),
+])
+def test_version_failures_map_to_their_own_reasons(error: Exception, reason: str) -> None:
+    version = cast(LoadedVersion, SimpleNamespace(
+        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint=FP)))
+
+    async def run() -> RankError:
+        remote = RemoteTables([["127.0.0.1:9"]], 1.0)
+        await remote.close()
+        remote.client = FailingClient(error)  # type: ignore[assignment]
+        with pytest.raises(RankError) as e:
+            await remote.lookup(version, [], 1.0)
+        return e.value
+
+    e = asyncio.run(run())
+    assert (e.status, e.reason) == (503, reason)
+    assert "tiny/v1" in e.message and str(error) in e.message
+    assert e.retry_after_s == (1 if reason == "version_not_loaded" else None)
+
+
+def test_each_version_failure_has_its_own_counter() -> None:
+    m = Metrics()
+    for reason in ("version_not_loaded", "version_not_loaded", "version_mismatch", "deadline"):
+        m.count_failed_request(reason)
+    assert m.registry.get_sample_value("ranker_version_not_loaded_total") == 2
+    assert m.registry.get_sample_value("ranker_version_mismatch_total") == 1
