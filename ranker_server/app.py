@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from ranker_server import admin, api
 from ranker_server.batcher import Batcher
 from ranker_server.config import RankerConfig
 from ranker_server.device import Device
-from ranker_server.errors import AdminError, HttpError, RankError
+from ranker_server.errors import AdminError, HttpError
 from ranker_server.lifecycle import Lifecycle
 from ranker_server.local_tables import LocalTables
 from ranker_server.metrics import Metrics
@@ -60,38 +59,27 @@ def _source(config: RankerConfig) -> TableSource:
                         lookup_token=config.embedding_token())
 
 
-def _response(e: HttpError) -> Response:
-    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
-                    headers=e.headers())
-
-
 def _render(request: Request, exc: Exception) -> Response:
     """Every refusal a handler raises (RankError, AdminError), as its JSON body and status."""
     # Registered for HttpError only; the fallback keeps the signature Starlette expects honest.
-    return _response(exc if isinstance(exc, HttpError) else HttpError(500, "internal error"))
+    return api.error_response(exc if isinstance(exc, HttpError) else HttpError(500, "internal error"))
 
 
-class ShedGate:
-    """ASGI middleware: POST /v1/rank gets 429 (Retry-After) while the batcher's queue is full,
-    decided from the headers alone, before the body is read or parsed and before routing: a
-    ranker past its capacity spends its event loop on the requests it admits. (The batcher
-    checks again on submit: requests admitted together may still find the queue full.)"""
+class RankerApp(FastAPI):
+    """FastAPI with POST /v1/rank answered in front of its middleware stack (api.RankRoute),
+    behind the admin port gate if any; documented in its OpenAPI all the same."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    admin_port: int | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == api.RANK_PATH and scope["method"] == "POST":
-            started = time.monotonic()
-            st: RankerState = scope["state"]["ranker"]  # the lifespan's state
-            try:
-                st.batcher.check_capacity()
-            except RankError as e:
-                api.record(st.metrics, "none", e.status, e.reason, started)
-                # The body is never received: uvicorn discards it as it arrives.
-                await _response(e)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = api.RankRoute(super().build_middleware_stack())
+        return app if self.admin_port is None else AdminPortGate(app, admin_port=self.admin_port)
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            doc = super().openapi()
+            doc["paths"] = {api.RANK_PATH: {"post": api.RANK_OPENAPI}, **doc["paths"]}
+        return super().openapi()
 
 
 def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = None,
@@ -138,13 +126,11 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
             device.close()
             log.info("ranker stopped")
 
-    app = FastAPI(title="ranker", version="1", lifespan=lifespan,
+    app = RankerApp(title="ranker", version="1", lifespan=lifespan,
                   description="Scores ad candidates with a versioned model whose INT4 embedding "
                               "tables live on remote shards.")
     app.include_router(api.router)
     app.include_router(admin.router)
     app.add_exception_handler(HttpError, _render)
-    app.add_middleware(ShedGate)  # inside the admin gate: /v1/rank is refused on the admin port
-    if admin_port is not None:
-        app.add_middleware(AdminPortGate, admin_port=admin_port)
+    app.admin_port = admin_port
     return app
