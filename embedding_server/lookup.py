@@ -5,7 +5,7 @@ bytes once (every later step uses those arrays: no field is read, nor copied, tw
 applies the cost limits before the version is even looked at; `resolve` checks
 everything else against the held version (table, output, pooling, offsets, one bounds
 check per group, answer size) before any gather runs; `execute` gathers or pools each
-group straight into the answer's wire buffer (embedding_server.wire). Every malformed
+group and joins the outputs into the answer's wire bytes (embedding_server.wire). Every malformed
 input raises ServiceError INVALID_ARGUMENT naming the table and the first bad value;
 cost limits raise it with reason over_limit.
 """
@@ -26,7 +26,7 @@ from embedding_server.errors import OVER_LIMIT, ServiceError
 from embedding_server.fbgemm_tbe import Output, Pooling
 from embedding_server.served_table import Segment, ServedTable
 from embedding_server.table_store import LoadedVersion
-from embedding_server.wire import Answer, id_field, response_head, result_head
+from embedding_server.wire import id_field, response_head, result_head
 from protos import embedding_pb2 as pb
 
 # Request arrays are read-only views of the protobuf bytes, and only ever read.
@@ -176,36 +176,34 @@ def resolve(groups: list[Group], version: LoadedVersion, cfg: ServerConfig) -> N
                         cfg.max_response_bytes)
 
 
-def _fill(g: Group, slot: npt.NDArray[np.uint8]) -> None:
+def _gather(g: Group) -> npt.NDArray[np.generic]:
+    """The group's answer rows: the gather's (or kernel's) own output, not copied here."""
     t, s, idx = g.table, g.segment, g.index
     assert t is not None and idx is not None  # resolved
     if g.output == pb.OUTPUT_INT4_PACKED:
-        if s is not None:  # gathered in place: the rows' only copy before gRPC's
-            torch.index_select(s.weights, 0, idx, out=torch.from_numpy(slot).view(-1, t.spec.row_bytes))
-        else:
-            slot[:] = t.gather(idx.numpy()).reshape(-1)
-        return
+        if s is not None:
+            return torch.index_select(s.weights, 0, idx).numpy()
+        return t.gather(idx.numpy())
     kind, output = _KERNEL_POOLING[g.pooling], _KERNEL_OUTPUT[g.output]
     if s is not None:
         off = g.offsets if g.offsets is not None else _one_per_bag(int(idx.numel()))
-        out = s.kernel.lookup(idx, off, kind, output)
-    else:
-        out = t.lookup(idx.numpy(), g.offsets, kind, output)
-    slot[:] = out.numpy().view(np.uint8).reshape(-1)
+        return s.kernel.lookup(idx, off, kind, output).numpy()
+    return t.lookup(idx.numpy(), g.offsets, kind, output).numpy()
 
 
 def execute(groups: list[Group], version: LoadedVersion, rid: int, cfg: ServerConfig,
             deadline: float | None) -> bytes:
     """The LookupResponse wire bytes; `deadline` (time.monotonic(), None = none) is checked
-    before each group."""
-    head = response_head(version.model, version.version, version.fingerprint, cfg.shard,
-                         cfg.num_shards)
-    answer = Answer(head, [(result_head(g.name.encode(), g.table.spec.dim if g.table else 0, g.count,
-                                        g.count * g.width), g.count * g.width) for g in groups],
-                    id_field(rid))
-    for g, slot in zip(groups, answer.slots, strict=True):
+    before each group. The join is the answer's one copy between the gathers and gRPC."""
+    pieces: list[bytes | memoryview] = [response_head(
+        version.model, version.version, version.fingerprint, cfg.shard, cfg.num_shards)]
+    for g in groups:
         if deadline is not None and time.monotonic() > deadline:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline passed before table {g.name!r} was looked up")
-        _fill(g, slot)
-    return answer.tobytes()
+        data = _gather(g)
+        assert g.table is not None  # resolved
+        pieces.append(result_head(g.name.encode(), g.table.spec.dim, g.count, data.nbytes))
+        pieces.append(data.data)  # the array's memory, not a copy
+    pieces.append(id_field(rid))
+    return b"".join(pieces)

@@ -168,21 +168,19 @@ def drain(server: grpc.Server, servicer: EmbeddingServicer, health_servicer: hea
           grace_s: float) -> None:
     """Finish running lookups, answer new ones UNAVAILABLE, then stop the server.
 
-    Lookups are refused with a retriable UNAVAILABLE (streamed ones: failure reason
-    draining) while the running ones finish, and until none has arrived for _QUIET_S and
-    every stream has ended itself (embedding_server.streams), before server.stop(): on
-    stop, grpc core CANCELs calls that have arrived but not yet reached a handler, and
-    clients do not retry CANCELLED.
+    Lookups are refused with a retriable UNAVAILABLE (on a stream: failure reason
+    draining, then the stream ends) while the running ones finish, and until none has
+    arrived for _QUIET_S, before server.stop(): on stop, grpc core CANCELs calls that have
+    arrived but not yet reached a handler, and clients do not retry CANCELLED. Streams
+    still open then are idle ones (embedding_server.streams): stop cancels them.
     """
     servicer.draining = True
-    servicer.streams.wake_all()
     health_servicer.enter_graceful_shutdown()
     deadline = time.monotonic() + grace_s
     log.info("draining: %d lookups in flight, %d streams open, up to %.1fs for them",
              servicer.inflight, len(servicer.streams), grace_s)
     while time.monotonic() < deadline and (
-            servicer.inflight or len(servicer.streams)
-            or time.monotonic() - servicer.last_arrival < _QUIET_S):
+            servicer.inflight or time.monotonic() - servicer.last_arrival < _QUIET_S):
         time.sleep(0.005)
     server.stop(max(deadline - time.monotonic(), 0.0)).wait()
     log.info("stopped: %d lookups still running were cancelled by the grace period", servicer.inflight)

@@ -1,22 +1,18 @@
-"""LookupResponse wire bytes written directly into one buffer, rows gathered in place.
+"""LookupResponse wire bytes encoded by hand around the gathered arrays.
 
 A LookupResponse built as protobuf objects copied a packed answer 4-5 times (tensor ->
-tobytes -> TableResult.data -> SerializeToString -> gRPC). Here the answer's size is known
-before any work (every group's vectors x row width), so the fixed fields are encoded by
-hand into a numpy buffer of that size and each group's rows are gathered (or its pooled
-vectors copied) straight into their place. Copies kept: packed rows 1 (the buffer's
-tobytes(), which gRPC needs as `bytes`), pooled vectors 2 (kernel output -> buffer ->
-bytes); gRPC then copies the bytes into its own slices. The bytes are exactly what
-LookupResponse.SerializeToString() would produce (fields in number order, proto3
-defaults omitted), which tests/unit/test_embedding_wire.py checks.
+tobytes -> TableResult.data -> SerializeToString -> gRPC). Here each group's small header
+is encoded directly and `b"".join` takes the gather's (or the kernel's) output array
+through the buffer protocol: one copy of the rows between the gather and gRPC, which
+copies the bytes into its own slices. (Gathering into a preallocated answer buffer
+instead measured slower: torch's index_select with out= plus the buffer's tobytes().)
+The bytes are exactly what LookupResponse.SerializeToString() would produce (fields in
+number order, proto3 defaults omitted), which tests/unit/test_embedding_wire.py checks.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-
-import numpy as np
-import numpy.typing as npt
 
 
 def varint(n: int) -> bytes:
@@ -55,27 +51,3 @@ def result_head(table: bytes, dim: int, count: int, data_len: int) -> bytes:
 def id_field(rid: int) -> bytes:
     """Field 7, the echoed request id (after the results: field order as protobuf writes)."""
     return _int_field(0x38, rid)
-
-
-class Answer:
-    """One response's buffer: head, then per group its header and a slot for its data."""
-
-    def __init__(self, head: bytes, parts: list[tuple[bytes, int]], tail: bytes) -> None:
-        """parts: (result_head, data bytes) per group, in request order."""
-        size = len(head) + sum(len(h) + n for h, n in parts) + len(tail)
-        self.buf: npt.NDArray[np.uint8] = np.empty(size, dtype=np.uint8)
-        self.slots: list[npt.NDArray[np.uint8]] = []
-        pos = self._put(0, head)
-        for h, n in parts:
-            pos = self._put(pos, h)
-            self.slots.append(self.buf[pos:pos + n])
-            pos += n
-        self._put(pos, tail)
-
-    def _put(self, pos: int, data: bytes) -> int:
-        end = pos + len(data)
-        self.buf[pos:end] = np.frombuffer(data, dtype=np.uint8)
-        return end
-
-    def tobytes(self) -> bytes:
-        return self.buf.tobytes()

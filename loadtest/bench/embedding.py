@@ -1,6 +1,6 @@
-"""P1 (issue 3): embedding lookups through gRPC on loopback vs the same kernel in-process.
+"""P1 (issues 3, 10): embedding lookups through gRPC on loopback vs the same kernel in-process.
 
-    python -m loadtest.bench.embedding                       # 20M x 32 table, ~2-3 minutes
+    python -m loadtest.bench.embedding                       # 20M x 32 table, ~4-5 minutes
     python -m loadtest.bench.embedding --rows 2000000 --seconds 0.5 --no-workers --no-profile
 
 For batches of 512 / 4096 / 16384 rows, single-ID INT4_PACKED and pooled (L=20, FP16):
@@ -9,17 +9,19 @@ For batches of 512 / 4096 / 16384 rows, single-ID INT4_PACKED and pooled (L=20, 
   pinned to one core (torch.index_select of packed rows; Int4Kernel.lookup for pooled);
 - gRPC: a real `python -m embedding_server` process pinned to core 0, this process (the
   client) pinned to core 1; sync stubs sending pre-serialized requests and keeping the
-  raw response bytes (no client-side protobuf work); closed loop, 1 and 2 callers.
+  raw response bytes (no client-side protobuf work); closed loop, 1 and 2 callers, each
+  caller once with unary `Lookup` calls and once on its own long-lived `LookupStream`;
+- the floor in the same run: a bare grpcio server of the same kind answering the same
+  bytes (no protobuf, no lookup), unary and on a stream.
 
 Every measurement is repeated in rounds that interleave the anchor and gRPC for each cell,
 so slow phases of a shared machine hit both alike; a cell's rate is the median of its
-rounds, its latencies are percentiles over all calls. The ratio gRPC / in-process is
-what the targets judge (>= 0.85x at 16384 rows, >= 0.7x at 4096, p99 <= 2 ms per
-4096-row RPC). When one is missed, the server is profiled with py-spy under that load.
-Optionally (`--workers`, default on) the same server with `--workers 2` is compared
-with one worker, both unpinned. Results: JSON (with os.getloadavg() before/after) + PNG.
-
-Shared helpers: lookup_harness.py and grpc_driver.py (also used by P3, scale.py), profile.py.
+rounds, its latencies are percentiles over all calls. The targets (issue 10): server CPU
+per lookup vs the in-process gather, per server core, >= 0.25 at 4096 rows and >= 0.5 at
+16384, p99 <= 2 ms per 4096-row call; judged for unary and stream alike. The server is
+profiled with py-spy (packed 4096, unary and stream) unless --no-profile. Optionally
+(`--workers`, default on) the same server with `--workers 2` is compared with one worker,
+both unpinned. Results: JSON (with os.getloadavg() before/after) + PNG.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ import grpc
 import numpy as np
 import torch
 
-from loadtest.bench.grpc_driver import GrpcDriver, Run, measure_floor, run_anchor, summarize, target
+from loadtest.bench.embedding_report import p1_panels, print_summary
+from loadtest.bench.grpc_driver import (
+    STREAM_METHOD,
+    GrpcDriver,
+    Run,
+    measure_floor,
+    run_anchor,
+    summarize,
+    target,
+)
 from loadtest.bench.lookup_harness import (
     BATCHES,
     CLIENT_CPU,
@@ -57,7 +68,6 @@ from loadtest.bench.lookup_harness import (
     reuse_or_write,
     start_server,
 )
-from loadtest.bench.plotting import Panel
 from loadtest.bench.profile import profile_server
 from loadtest.bench.record import RESULTS, BenchRecord
 from loadtest.harness.process import ServerProcess
@@ -66,39 +76,49 @@ from loadtest.harness.procfs import child_pids, cpu_seconds, loadavg, pin, pin_p
 # --------------------------------------------------------------------------- P1
 
 
-def judge_cell(c: Cell, s: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+TRANSPORTS = ("grpc", "stream")  # variant prefixes: unary Lookup, LookupStream
+GOALS = {16384: 0.5, 4096: 0.25}  # server CPU per lookup vs the in-process gather, per core
+
+
+def judge_cell(c: Cell, s: dict[str, dict[str, Any]], floor: dict[str, Any]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A cell's summary with its gRPC / in-process ratios, and the targets it is judged on."""
     a = s["in_process"]
-    callers = [k.removeprefix("grpc_") for k in s if k.startswith("grpc_")]
-    wall = {k: s[f"grpc_{k}"]["rows_per_s"] / a["rows_per_s"] for k in callers}
-    cpu = {k: s[f"grpc_{k}"]["rows_per_cpu_s"] / a["rows_per_cpu_s"] for k in callers}
-    last = s[f"grpc_{callers[-1]}"]
-    cell = {"mode": c.mode, "batch": c.batch, "bags": c.bags, **s,
-            "ratio_wall": {k: round(v, 4) for k, v in wall.items()},
-            "ratio_cpu": {k: round(v, 4) for k, v in cpu.items()},
-            "ratio_wall_best": round(max(wall.values()), 4),
-            "ratio_cpu_best": round(max(cpu.values()), 4),
-            # Server CPU per RPC beyond the kernel's own time for the same rows.
-            "server_overhead_us_per_call": round(last["cpu_us_per_call"] - a["cpu_us_per_call"], 1)}
+    cell: dict[str, Any] = {"mode": c.mode, "batch": c.batch, "bags": c.bags, **s}
+    targets = []
+    for tr in TRANSPORTS:
+        keys = [k for k in s if k.startswith(f"{tr}_")]
+        wall = {k: s[k]["rows_per_s"] / a["rows_per_s"] for k in keys}
+        cpu = {k: s[k]["rows_per_cpu_s"] / a["rows_per_cpu_s"] for k in keys}
+        server = min(s[k]["cpu_us_per_call"] for k in keys)
+        cell[tr] = {"ratio_wall": {k: round(v, 4) for k, v in wall.items()},
+                    "ratio_cpu": {k: round(v, 4) for k, v in cpu.items()},
+                    "ratio_cpu_best": round(max(cpu.values()), 4),
+                    "server_cpu_us_per_call": server,
+                    # Server CPU per call beyond the kernel's own time for the same rows.
+                    "overhead_us_per_call": round(server - a["cpu_us_per_call"], 1)}
+        f = floor.get(tr)
+        if f is not None:  # the bare server's CPU for the same bytes, same transport
+            cell[tr]["floor_cpu_us_per_call"] = f
+            cell[tr]["beyond_floor_and_kernel_us"] = round(server - f - a["cpu_us_per_call"], 1)
+            cell[tr]["ratio_cpu_if_only_floor"] = round(a["cpu_us_per_call"] / (a["cpu_us_per_call"] + f), 4)
+        label = "unary Lookup" if tr == "grpc" else "LookupStream"
+        goal = GOALS.get(c.batch)
+        if goal is not None:
+            targets.append(target(f"{c.name} {label}: rows per server core vs the in-process kernel "
+                                  "(CPU-normalized, best of callers)", max(cpu.values()), goal, True))
+        if c.batch == 4096:
+            for k in keys:
+                p99 = s[k]["p99_us"]
+                targets.append(target(f"{c.name} {label}: p99 ms per call, {k.split('_')[1]} caller(s)",
+                                      None if p99 is None else p99 / 1e3, 2.0, False))
     if "handler" in s:
         h = s["handler"]
         cell["cpu_us_per_call_breakdown"] = {
             "kernel": a["cpu_us_per_call"],
             "servicer_python_beyond_kernel": round(h["cpu_us_per_call"] - a["cpu_us_per_call"], 1),
-            "grpc_transport_beyond_servicer": round(last["cpu_us_per_call"] - h["cpu_us_per_call"], 1),
-            "total_server": last["cpu_us_per_call"]}
-    targets = []
-    goal = {16384: 0.85, 4096: 0.7}.get(c.batch)
-    if goal is not None:
-        targets.append(target(f"{c.name}: rows per server core, gRPC / in-process "
-                              "(CPU-normalized, best of callers)", max(cpu.values()), goal, True))
-        targets.append(target(f"{c.name}: rows/s wall-clock, gRPC (1 server core) / in-process "
-                              "(best of callers)", max(wall.values()), goal, True))
-    if c.batch == 4096:
-        for k in callers:
-            p99 = s[f"grpc_{k}"]["p99_us"]
-            targets.append(target(f"{c.name}: p99 ms per RPC, {k} caller(s)",
-                                  None if p99 is None else p99 / 1e3, 2.0, False))
+            **{f"{tr}_transport_beyond_servicer": round(cell[tr]["server_cpu_us_per_call"]
+                                                       - h["cpu_us_per_call"], 1) for tr in TRANSPORTS}}
     return cell, targets
 
 
@@ -122,12 +142,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure_cells(cells: Sequence[Cell], table: MappedTable, driver: GrpcDriver, server_pid: int,
+def measure_cells(cells: Sequence[Cell], table: MappedTable, drivers: dict[str, GrpcDriver], server_pid: int,
                   version: str, fp: str, rounds: int, seconds: float, callers: Sequence[int],
                   rng: np.random.Generator, handler: Callable[[bytes], Callable[[], bytes]] | None = None
                   ) -> dict[str, dict[str, list[Run]]]:
-    """Rounds x cells x (in-process kernel, in-process servicer if `handler`, gRPC with each
-    caller count), interleaved so that a slow phase of the machine hits all alike."""
+    """Rounds x cells x (in-process kernel, in-process servicer if `handler`, each driver
+    (unary, stream) with each caller count), interleaved so that a slow phase of the
+    machine hits all alike."""
     variants = 16
     inputs = {c.name: [random_rows(rng, table.rows, c.batch) for _ in range(variants)] for c in cells}
     raw = {c.name: [lookup_request(c, r, version, fp).SerializeToString() for r in inputs[c.name]]
@@ -138,15 +159,17 @@ def measure_cells(cells: Sequence[Cell], table: MappedTable, driver: GrpcDriver,
         if handler is not None:
             local[c.name]["handler"] = [handler(q) for q in raw[c.name]]
     for c in cells:  # correctness, then warm-up (page cache, connections, allocators)
-        answer = driver.call(raw[c.name][0])
-        check_answer(c, table, inputs[c.name][0], answer, version)
-        if handler is not None and local[c.name]["handler"][0]() != answer:
-            raise AssertionError(f"{c.name}: in-process handler and server answers differ")
+        for driver in drivers.values():
+            answer = driver.call(raw[c.name][0])
+            check_answer(c, table, inputs[c.name][0], answer, version)
+            if handler is not None and local[c.name]["handler"][0]() != answer:
+                raise AssertionError(f"{c.name}: in-process handler and server answers differ")
         pin({SERVER_CPU})
         for fns in local[c.name].values():
             run_anchor(fns, c.batch, 0.1)
         pin({CLIENT_CPU})
-        driver.run(raw[c.name], c.batch, max(callers), 0.15)
+        for driver in drivers.values():
+            driver.run(raw[c.name], c.batch, max(callers), 0.15)
     runs: dict[str, dict[str, list[Run]]] = {c.name: {} for c in cells}
     per = seconds / rounds
     for r in range(rounds):
@@ -155,11 +178,44 @@ def measure_cells(cells: Sequence[Cell], table: MappedTable, driver: GrpcDriver,
             for name, fns in local[c.name].items():
                 runs[c.name].setdefault(name, []).append(run_anchor(fns, c.batch, per))
             pin({CLIENT_CPU})
-            for k in callers:
-                runs[c.name].setdefault(f"grpc_{k}", []).append(
-                    driver.run(raw[c.name], c.batch, k, per, server_pid))
+            for tr, driver in drivers.items():
+                for k in callers:
+                    runs[c.name].setdefault(f"{tr}_{k}", []).append(
+                        driver.run(raw[c.name], c.batch, k, per, server_pid))
         log.info("round %d/%d done (load %s)", r + 1, rounds, loadavg())
     return runs
+
+
+def floor_by_cell(cells: Sequence[Cell], floor: dict[str, Any], dim: int) -> dict[str, dict[str, Any]]:
+    """Per packed cell, the bare server's CPU per call (best of callers) for its bytes."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        key = f"request {c.batch * 8} B, answer {c.batch * (4 + dim // 2)} B"
+        if c.mode == "packed" and isinstance(floor.get(key), dict):
+            f = floor[key]
+            out[c.name] = {tr: min(f[f"{tr if tr == 'stream' else 'unary'}_callers_{k}"]
+                                   ["server_cpu_us_per_call"] for k in (1, 2)) for tr in TRANSPORTS}
+    return out
+
+
+def profile_cells(cells: Sequence[Cell], drivers: dict[str, GrpcDriver], pid: int, table: MappedTable,
+                  version: str, fp: str, rng: np.random.Generator, seconds: float, tmp: Path
+                  ) -> dict[str, Any]:
+    """py-spy (native, then GIL holder) under packed 4096-row load, 1 caller, per transport."""
+    out: dict[str, Any] = {}
+    for c in [c for c in cells if c.batch == 4096 and c.mode == "packed"]:
+        reqs = [lookup_request(c, random_rows(rng, table.rows, c.batch), version, fp).SerializeToString()
+                for _ in range(8)]
+        for tr, driver in drivers.items():
+            path = tmp / f"profile-{c.name}-{tr}.txt"
+
+            def load(reqs: list[bytes] = reqs, c: Cell = c, driver: GrpcDriver = driver) -> None:
+                driver.run(reqs, c.batch, 1, seconds)
+
+            log.info("profiling the server under %s, %s, 1 caller", c.name, tr)
+            out[f"{c.name}-{tr}"] = {"native": profile_server(pid, seconds, path, load, True),
+                                     "python_gil": profile_server(pid, seconds, path, load, False)}
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,9 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-embedding-"))
     store = args.table_dir or tmp / "store"
     version = f"r{args.rows}d{args.dim}"
-    rec = BenchRecord("P1 embedding lookups: gRPC vs in-process",
+    rec = BenchRecord("P1 embedding lookups: gRPC (unary and stream) vs in-process",
                       compared="python -m embedding_server over loopback gRPC (server pinned to one "
-                               "core, client to the other), 1 and 2 closed-loop callers",
+                               "core, client to the other), 1 and 2 closed-loop callers, unary "
+                               "Lookup and LookupStream; the bare grpcio floor in the same run",
                       anchor="the server's own kernel on the same memory-mapped table, in-process, "
                              "one pinned thread", device="cpu",
                       config={k: str(v) for k, v in vars(args).items()})
@@ -195,14 +252,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                            cpus={SERVER_CPU} if pinning else None)
         servers.append(srv)
         log.info("server pid %d on %s, ready in %.1fs", srv.pid, srv.address, srv.ready_s)
-        driver = GrpcDriver(srv.address, 2)
+        drivers = {"grpc": GrpcDriver(srv.address, 2), "stream": GrpcDriver(srv.address, 2, STREAM_METHOD,
+                                                                            stream=True)}
         rng = np.random.default_rng(0)
         handler = in_process_servicer(store, version)
-        runs = measure_cells(cells, table, driver, srv.pid, version, manifest.fingerprint,
+        runs = measure_cells(cells, table, drivers, srv.pid, version, manifest.fingerprint,
                              args.rounds, args.seconds, (1, 2), rng, handler)
+        sizes = [(0, 0), *((c.batch * 8, c.batch * (4 + args.dim // 2)) for c in cells
+                           if c.mode == "packed")]
+        log.info("floor: bare Python gRPC calls (unary, stream), response sizes %s", sizes)
+        result["grpc_floor"] = measure_floor(tmp, sizes, args.seconds / 2, args.rounds,
+                                             {SERVER_CPU} if pinning else None)
+        floors = floor_by_cell(cells, result["grpc_floor"], args.dim)
         out_cells, targets = [], []
         for c in cells:
-            cell, cell_targets = judge_cell(c, {k: summarize(v) for k, v in runs[c.name].items()})
+            cell, cell_targets = judge_cell(c, {k: summarize(v) for k, v in runs[c.name].items()},
+                                            floors.get(c.name, {}))
             out_cells.append(cell)
             targets += cell_targets
         result["cells"] = out_cells
@@ -210,27 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["server"] = {"pinned_cpus": [SERVER_CPU] if pinning else None,
                             "client_cpus": [CLIENT_CPU] if pinning else None,
                             "ready_s": round(srv.ready_s, 2), "memory": smaps_rollup(srv.pid)}
-        missed = [t for t in targets if not t["met"]]
-        if missed and not args.no_profile:
-            result["profile"] = {}
-            for c in [c for c in cells if c.batch == 4096]:
-                reqs = [lookup_request(c, random_rows(rng, table.rows, c.batch), version,
-                                       manifest.fingerprint).SerializeToString() for _ in range(8)]
-                path = tmp / f"profile-{c.name}.txt"
-
-                def load(reqs: list[bytes] = reqs, c: Cell = c) -> None:
-                    driver.run(reqs, c.batch, 2, args.profile_seconds)
-
-                log.info("profiling the server under %s, 2 callers", c.name)
-                result["profile"][c.name] = {
-                    "native": profile_server(srv.pid, args.profile_seconds, path, load, True),
-                    "python_gil": profile_server(srv.pid, args.profile_seconds, path, load, False)}
-        driver.close()
-        sizes = [(0, 0), *((c.batch * 8, c.batch * (4 + args.dim // 2)) for c in cells
-                           if c.mode == "packed")]
-        log.info("floor: bare Python gRPC unary calls, response sizes %s", sizes)
-        result["grpc_floor"] = measure_floor(tmp, sizes, args.seconds / 2, args.rounds,
-                                             {SERVER_CPU} if pinning else None)
+        if not args.no_profile:
+            result["profile"] = profile_cells(cells, drivers, srv.pid, table, version,
+                                              manifest.fingerprint, rng, args.profile_seconds, tmp)
+        for d in drivers.values():
+            d.close()
         if not args.no_workers and pinning:
             result["workers"] = compare_workers(args, store, version, manifest.fingerprint, table, srv,
                                                 tmp, servers, rng)
@@ -241,10 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec.host["grpc"] = grpc.__version__
     targets = result.get("targets", [])
     rec.verdict = {"targets_met": sum(t["met"] for t in targets), "targets": len(targets),
-                   "missed": [t["name"] for t in targets if not t["met"]]}
+                   "missed": [t["name"] for t in targets if not t["met"]],
+                   "ratio_cpu": {f"{c['mode']}-{c['batch']}": {tr: c[tr]["ratio_cpu_best"]
+                                                               for tr in TRANSPORTS}
+                                 for c in result.get("cells", [])}}
     rec.write(args.out, p1_panels(result),
-              title=f"P1: {args.rows / 1e6:g}M x {args.dim} INT4 table, loopback gRPC (server "
-                    "pinned to 1 core) vs in-process kernel",
+              title=f"P1: {args.rows / 1e6:g}M x {args.dim} INT4 table, loopback gRPC unary and stream "
+                    "(server pinned to 1 core) vs in-process kernel",
               note="2-core machine shared with other jobs; compare ratios within this run only.")
     print_summary(result, rec.host)
     return 0
@@ -286,50 +338,6 @@ def compare_workers(args: argparse.Namespace, store: Path, version: str, fp: str
     d1.close()
     d2.close()
     return out
-
-
-def p1_panels(result: dict[str, Any]) -> list[Panel]:
-    panels = []
-    for mode in MODES:
-        cells = [c for c in result["cells"] if c["mode"] == mode]
-        labels = [str(c["batch"]) for c in cells]
-        panels.append(Panel(
-            f"{mode}: rows per CPU-second of the serving core", labels,
-            {"in-process kernel": [c["in_process"]["rows_per_cpu_s"] for c in cells],
-             "in-process servicer (no gRPC)": [c.get("handler", {}).get("rows_per_cpu_s") for c in cells],
-             "gRPC server, 1 caller": [c["grpc_1"]["rows_per_cpu_s"] for c in cells],
-             "gRPC server, 2 callers": [c["grpc_2"]["rows_per_cpu_s"] for c in cells]},
-            ylabel="rows / CPU-s", log=True))
-        panels.append(Panel(
-            f"{mode}: gRPC / in-process", labels,
-            {"per server core (CPU-normalized)": [c["ratio_cpu_best"] for c in cells],
-             "wall-clock rows/s, 1 caller": [c["ratio_wall"]["1"] for c in cells],
-             "wall-clock rows/s, 2 callers": [c["ratio_wall"]["2"] for c in cells]},
-            ylabel="ratio", targets={"target 4096: 0.7x": 0.7, "target 16384: 0.85x": 0.85}))
-    return panels
-
-
-def print_summary(result: dict[str, Any], host: dict[str, Any]) -> None:
-    print(f"{'cell':>13} {'kernel r/cpu-s':>14} {'server r/cpu-s':>14} {'cpu ratio':>9} "
-          f"{'gRPC2 r/s':>10} {'wall ratio':>10} {'p50 ms':>7} {'p99 ms':>7} {'ovh us':>7}")
-    for c in result["cells"]:
-        g = c["grpc_1"]
-        print(f"{c['mode'] + '-' + str(c['batch']):>13} {c['in_process']['rows_per_cpu_s']:>14.3g} "
-              f"{c['grpc_2']['rows_per_cpu_s']:>14.3g} {c['ratio_cpu_best']:>9.2f} "
-              f"{c['grpc_2']['rows_per_s']:>10.3g} {c['ratio_wall_best']:>10.2f} "
-              f"{g['p50_us'] / 1e3:>7.2f} {g['p99_us'] / 1e3:>7.2f} {c['server_overhead_us_per_call']:>7.0f}")
-    for t in result["targets"]:
-        print(f"  {t['name']}: {t['value']} vs {t['target']} -> {t.get('text')}")
-    for size, v in result.get("grpc_floor", {}).items():
-        if isinstance(v, dict):
-            print(f"  bare gRPC call, {size}: " + ", ".join(
-                f"{k}: p50 {x['p50_us']:.0f} us, server {x['server_cpu_us_per_call']} us CPU/call"
-                for k, x in v.items()))
-    for c in result.get("workers", {}).get("cells", []):
-        print(f"  {c['mode']}-{c['batch']}: " + ", ".join(
-            f"{k} {v['rows_per_s']:.3g} rows/s ({v.get('rows_per_cpu_s', 0):.3g}/server CPU-s)"
-            for k, v in c.items() if k.startswith("workers_")))
-    print(f"loadavg start {host['loadavg_start']} end {host['loadavg_end']}")
 
 
 if __name__ == "__main__":

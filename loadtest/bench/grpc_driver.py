@@ -4,6 +4,7 @@ gRPC callers, the bare-gRPC floor, and the statistics and target judgements of t
 
 from __future__ import annotations
 
+import queue
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from loadtest.bench.lookup_harness import taskset
 from loadtest.harness.procfs import cpu_seconds, loadavg
 
 METHOD = "/hybrid.embedding.v1.EmbeddingService/Lookup"
+STREAM_METHOD = "/hybrid.embedding.v1.EmbeddingService/LookupStream"
 
 
 @dataclass
@@ -60,17 +62,38 @@ def run_anchor(calls: Sequence[Callable[[], Any]], rows_per_call: int, seconds: 
     return Run(i, i * rows_per_call, wall, lat, (time.thread_time_ns() - cpu0) * 1e-9, loadavg())
 
 
-class GrpcDriver:
-    """Closed-loop callers over their own channels (own TCP connections), raw bytes in/out."""
+class StreamCall:
+    """One long-lived bidi stream used closed-loop: send one request, wait for its answer."""
 
-    def __init__(self, address: str, callers: int, method: str = METHOD) -> None:
+    def __init__(self, channel: grpc.Channel, method: str) -> None:
+        self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+        self._responses = call(iter(self._q.get, None))
+
+    def __call__(self, raw: bytes, timeout: float = 30.0) -> bytes:
+        self._q.put(raw)
+        out: bytes = next(self._responses)
+        return out
+
+    def close(self) -> None:
+        self._q.put(None)  # half-close: the server ends the stream with OK
+
+
+class GrpcDriver:
+    """Closed-loop callers over their own channels (own TCP connections), raw bytes in/out;
+    with `stream` each caller sends its requests on one long-lived bidi stream."""
+
+    def __init__(self, address: str, callers: int, method: str = METHOD, stream: bool = False) -> None:
         opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1),
                 ("grpc.max_send_message_length", -1)]
         self.channels = [grpc.insecure_channel(address, options=opts) for _ in range(callers)]
-        self.calls = [ch.unary_unary(method, request_serializer=None, response_deserializer=None)
-                      for ch in self.channels]
         for ch in self.channels:  # connect now, not inside a timed run
             grpc.channel_ready_future(ch).result(timeout=30)
+        self.streams = [StreamCall(ch, method) for ch in self.channels] if stream else []
+        self.calls: list[Callable[..., bytes]] = (
+            list(self.streams) if stream else
+            [ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+             for ch in self.channels])
 
     def call(self, raw: bytes, caller: int = 0, timeout: float = 30.0) -> bytes:
         out: bytes = self.calls[caller](raw, timeout=timeout)
@@ -119,6 +142,8 @@ class GrpcDriver:
         return Run(calls, calls * rows_per_call, wall, [v for x in lats for v in x], cpu, loadavg())
 
     def close(self) -> None:
+        for st in self.streams:
+            st.close()
         for ch in self.channels:
             ch.close()
 
@@ -172,7 +197,12 @@ def handle(req, ctx):  # request = b"<answer size>;" + padding; answer that many
     if n not in sizes:
         sizes[n] = bytes(n)
     return sizes[n]
-h = grpc.method_handlers_generic_handler("floor.Floor", {"Echo": grpc.unary_unary_rpc_method_handler(handle)})
+def stream(it, ctx):
+    for req in it:
+        yield handle(req, ctx)
+h = grpc.method_handlers_generic_handler("floor.Floor", {
+    "Echo": grpc.unary_unary_rpc_method_handler(handle),
+    "EchoStream": grpc.stream_stream_rpc_method_handler(stream)})
 srv = grpc.server(ThreadPoolExecutor(max_workers=40), options=[("grpc.max_send_message_length", -1)])
 srv.add_generic_rpc_handlers((h,))
 port = srv.add_insecure_port("127.0.0.1:0")
@@ -185,9 +215,9 @@ threading.Event().wait()
 
 def measure_floor(log_dir: Path, sizes: Sequence[tuple[int, int]], seconds: float, rounds: int,
                   cpus: set[int] | None) -> dict[str, Any]:
-    """The bare Python gRPC unary call on this machine (same sync server type, same pinning,
-    no protobuf, no lookup): server CPU and latency per call for each (request bytes,
-    answer bytes) pair."""
+    """The bare Python gRPC call on this machine (same sync server type, same pinning, no
+    protobuf, no lookup), unary and as one message each way on a long-lived bidi stream:
+    server CPU and latency per call for each (request bytes, answer bytes) pair."""
     port_file = log_dir / "floor.port"
     argv = taskset(cpus, [sys.executable, "-c", _FLOOR_SERVER, str(port_file)])
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,24 +228,30 @@ def measure_floor(log_dir: Path, sizes: Sequence[tuple[int, int]], seconds: floa
             if proc.poll() is not None or time.monotonic() - t0 > 60:
                 return {"error": "floor server did not start"}
             time.sleep(0.02)
-        driver = GrpcDriver(f"127.0.0.1:{port_file.read_text().strip()}", 2, "/floor.Floor/Echo")
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        drivers = {"unary": GrpcDriver(address, 2, "/floor.Floor/Echo"),
+                   "stream": GrpcDriver(address, 2, "/floor.Floor/EchoStream", stream=True)}
         for req_bytes, size in sizes:
             head = f"{size};".encode()
             req = [head + bytes(max(req_bytes - len(head), 0))]
-            driver.run(req, 0, 2, 0.1)
-            runs: dict[int, list[Run]] = {1: [], 2: []}
+            runs: dict[str, list[Run]] = {}
+            for d in drivers.values():
+                d.run(req, 0, 2, 0.1)
             for _ in range(rounds):
-                for k in (1, 2):
-                    runs[k].append(driver.run(req, 0, k, seconds / rounds, proc.pid))
+                for kind, d in drivers.items():
+                    for k in (1, 2):
+                        runs.setdefault(f"{kind}_callers_{k}", []).append(
+                            d.run(req, 0, k, seconds / rounds, proc.pid))
             key = f"request {len(req[0])} B, answer {size} B"
             out[key] = {}
-            for k, rs in runs.items():
+            for name, rs in runs.items():
                 sm = summarize(rs)
-                out[key][f"callers_{k}"] = {
+                out[key][name] = {
                     "calls_per_s": round(sum(r.calls for r in rs) / sum(r.wall_s for r in rs)),
                     "p50_us": round(sm["p50_us"], 1), "p99_us": round(sm["p99_us"], 1),
                     "server_cpu_us_per_call": sm.get("cpu_us_per_call")}
-        driver.close()
+        for d in drivers.values():
+            d.close()
     finally:
         proc.kill()
         proc.wait()

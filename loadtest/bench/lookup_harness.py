@@ -219,12 +219,15 @@ class _Context:
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise RuntimeError(f"{code.name}: {details}")
 
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
 
 def in_process_servicer(store: Path, version: str, model: str = MODEL
                         ) -> Callable[[bytes], Callable[[], bytes]]:
     """The server's whole per-request Python work without the gRPC transport: parse the
-    request, EmbeddingServicer.Lookup (in-flight limit, version acquire, validation, kernel,
-    metrics, response build), serialize. Returns raw request -> zero-argument callable."""
+    request, EmbeddingServicer.Lookup (in-flight limit, version hold, validation, kernel,
+    metrics, the answer's wire bytes). Returns raw request -> zero-argument callable."""
     from embedding_server.auth import AdminAuth
     from embedding_server.config import ServerConfig
     from embedding_server.metrics import Metrics
@@ -239,8 +242,7 @@ def in_process_servicer(store: Path, version: str, model: str = MODEL
 
     def make(raw: bytes) -> Callable[[], bytes]:
         def call() -> bytes:
-            out: bytes = servicer.Lookup(pb.LookupRequest.FromString(raw), ctx).SerializeToString()
-            return out
+            return servicer.Lookup(pb.LookupRequest.FromString(raw), ctx)  # wire bytes already
 
         return call
 
