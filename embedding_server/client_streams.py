@@ -82,7 +82,7 @@ class _Replica:
         self.stream: _Stream | None = None
         self.retry_at = 0.0  # loop time before which no new stream is opened
         self.backoff_s = BACKOFF_S
-        self.ended_draining = False
+        self.last_end: AttemptFailed | None = None  # how its last stream ended
 
     def usable(self, now: float) -> bool:
         s = self.stream
@@ -152,7 +152,7 @@ class _Replica:
             self.backoff_s = BACKOFF_S if stream.answered else min(self.backoff_s * 2,
                                                                    MAX_BACKOFF_S)
             self.retry_at = asyncio.get_running_loop().time() + self.backoff_s
-            self.ended_draining = ended.draining
+            self.last_end = ended
             if stream.answered:
                 log.info("lookup stream to %s ended: %s", self.name, ended.message)
         for fut in stream.pending.values():
@@ -194,12 +194,19 @@ class ShardStreams:
             r = self._replicas[next(self._turn)]
             if r.usable(now):
                 return r
-        # Every replica is down or backing off. Draining ones will be replaced (a sibling or
-        # a restart): the retry rule waits for that up to the deadline; unreachable ones fail fast.
-        draining = any(r.ended_draining or (r.stream is not None and r.stream.draining)
-                       for r in self._replicas)
+        # Every replica is down or backing off. A refusal of the stream itself (no token)
+        # stands until the backoff ends. Draining ones will be replaced (a sibling or a
+        # restart): the retry rule waits for that up to the deadline; unreachable ones fail fast.
+        ends = [r.last_end for r in self._replicas if r.last_end is not None]
+        final = [e for e in ends if e.code in _FINAL]
+        if final:
+            raise final[0]
+        draining = any(e.draining for e in ends) or any(
+            r.stream is not None and r.stream.draining for r in self._replicas)
+        last = f": {ends[-1].message}" if ends else ""
         raise AttemptFailed(grpc.StatusCode.UNAVAILABLE, DRAINING if draining else "",
-                            f"no replica ready (of {', '.join(r.name for r in self._replicas)})")
+                            f"no replica ready (of {', '.join(r.name for r in self._replicas)})"
+                            + last)
 
     async def lookup(self, request: pb.LookupRequest, timeout_s: float) -> pb.LookupResponse:
         now = asyncio.get_running_loop().time()
