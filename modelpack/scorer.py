@@ -20,7 +20,7 @@ from modelpack.lookup import Packed, gather_rows
 from modelpack.manifest import Manifest, read_manifest
 from modelpack.requests import DecodedRequest, FeatureRows, decode_request, plan_rows
 from modelpack.schema import FeatureSchema, TableSpec
-from modelpack.torch_ops import dequantize_rows_torch, pool_bags
+from modelpack.torch_ops import plan_bags, pool_bags
 
 
 class TableReader:
@@ -48,14 +48,13 @@ def assemble_sparse(schema: FeatureSchema, pooled: list[torch.Tensor], n: int) -
     return torch.stack(cols, dim=1)
 
 
-def pool_feature_rows(schema: FeatureSchema, plan: list[FeatureRows],
-                      packed: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
-    """Dequantize each feature's packed rows and pool them into one vector per entity."""
-    out = []
-    for f, fr, p in zip(schema.sparse, plan, packed, strict=True):
-        vals = dequantize_rows_torch(p, dim)
-        out.append(pool_bags(vals, torch.from_numpy(fr.offsets).to(vals.device), f.pooling))
-    return out
+def pool_features(schema: FeatureSchema, plan: list[FeatureRows], packed: list[Packed],
+                  dim: int) -> list[torch.Tensor]:
+    """Dequantize and pool every feature's packed rows on the CPU: one (entities, D) each."""
+    bags = plan_bags([f.pooling for f in schema.sparse], [fr.offsets for fr in plan], packed)
+    pooled = pool_bags(torch.from_numpy(bags.rows), torch.from_numpy(bags.offsets),
+                       torch.from_numpy(bags.scale), dim)
+    return [pooled[a:b] for a, b in bags.spans]
 
 
 class OfflineScorer:
@@ -87,8 +86,8 @@ class OfflineScorer:
     @torch.inference_mode()
     def score_decoded(self, req: DecodedRequest) -> npt.NDArray[np.float32]:
         plan = plan_rows(self.schema, self.tables, req)
-        packed = [torch.from_numpy(self.readers[fr.table].gather(fr.rows)) for fr in plan]
-        pooled = pool_feature_rows(self.schema, plan, packed, self.dim)
+        packed = [self.readers[fr.table].gather(fr.rows) for fr in plan]
+        pooled = pool_features(self.schema, plan, packed, self.dim)
         sparse = assemble_sparse(self.schema, pooled, req.num_candidates)
         logits = self.dense(sparse, torch.from_numpy(req.dense))
         return torch.sigmoid(logits).numpy().astype(np.float32)

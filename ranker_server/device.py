@@ -26,6 +26,10 @@ from ranker_server.config import ConfigError, DeviceKind
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A CUDA error (an illegal access, a failed launch) poisons the context for good: every
+# later batch fails. These say so in the RuntimeError's text.
+_FATAL_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cudaError",
+                        "illegal memory access", "device-side assert")
 
 
 def resolve_device(kind: DeviceKind) -> torch.device:
@@ -47,6 +51,8 @@ class Device:
         self.is_cuda = self.torch_device.type == "cuda"
         self._stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker-stage")
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker-compute")
+        self.broken: str | None = None
+        """Set once a device error poisoned the context: the ranker is then not ready."""
         name = torch.cuda.get_device_name(self.torch_device) if self.is_cuda else "cpu"
         log.info("ranker device: %s (%s)", self.torch_device, name)
 
@@ -59,6 +65,20 @@ class Device:
         """Run `fn(*args)` on the compute thread (device work is serialized there)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, functools.partial(fn, *args))
+
+    def guard(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on the compute thread; a device error marks the device broken (logged
+        once), so readiness fails instead of every later batch failing behind a green probe."""
+        if self.broken is not None:
+            raise RuntimeError(f"device unusable since an earlier error: {self.broken}")
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            if any(m in str(e) for m in _FATAL_DEVICE_ERRORS):
+                self.broken = str(e).splitlines()[0][:300]
+                log.error("device %s failed, ranker no longer ready: %s", self.torch_device,
+                          self.broken)
+            raise
 
     def to_device(self, array: npt.NDArray[np.generic]) -> torch.Tensor:
         """A host array on the device: pinned buffer + non-blocking copy on CUDA, a view on CPU."""
@@ -75,7 +95,8 @@ class Device:
         return module.to(self.torch_device).eval()
 
     def release_memory(self) -> None:
-        """Give cached device memory back after a version is unloaded."""
+        """Give cached device memory back after a version is unloaded (on the compute thread:
+        it waits for the device, which would stall the event loop)."""
         if self.is_cuda:
             torch.cuda.empty_cache()
 

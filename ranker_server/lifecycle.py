@@ -20,6 +20,7 @@ from modelpack.schema import SchemaError, check_name
 from ranker_server.config import RankerConfig
 from ranker_server.device import Device
 from ranker_server.errors import AdminError
+from ranker_server.pipeline import warm_up
 from ranker_server.sources import PrepareError, TableSource
 from ranker_server.versions import LoadedVersion, VersionRegistry
 
@@ -84,8 +85,13 @@ class Lifecycle:
         except PrepareError as e:
             raise AdminError(409, str(e)) from None
         if not lv.prepared:
-            log.info("prepared %s/%s: every shard serves %s", lv.manifest.model, version,
-                     lv.fingerprint)
+            t0 = time.perf_counter()
+            # CUDA initializes lazily per kernel shape; the CPU needs only one batch.
+            sizes = sorted({1, min(256, self.config.max_batch_candidates),
+                            self.config.max_batch_candidates}) if self.device.is_cuda else [1]
+            await self.device.compute(self.device.guard, warm_up, self.device, lv, sizes)
+            log.info("prepared %s/%s: every shard serves %s (device warmed up in %.0f ms)",
+                     lv.manifest.model, version, lv.fingerprint, (time.perf_counter() - t0) * 1e3)
         lv.prepared = True
         return lv
 
@@ -118,7 +124,7 @@ class Lifecycle:
         self.registry.remove(version)
         self.source.close_version(version)
         del lv
-        self.device.release_memory()
+        await self.device.compute(self.device.release_memory)
         log.info("unloaded %s/%s", self.registry.model, version)
 
     async def load_startup(self) -> StartupPlan:
@@ -173,6 +179,8 @@ class Lifecycle:
         reachability: a restarted shard without the active version makes this say so.
         Cached for a second, so probes do not multiply ListVersions calls.
         """
+        if self.device.broken is not None:
+            return f"device failed: {self.device.broken}"
         if self.registry.active is None:
             return self.startup_error or "no active version"
         now = time.monotonic()

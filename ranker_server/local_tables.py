@@ -35,7 +35,8 @@ def open_tables(store: Path, manifest: Manifest) -> dict[str, _Gather]:
     """Every table of a version, verified against its manifest and mapped read-only."""
     try:
         from embedding_server import table_store
-    except ImportError as e:  # no FBGEMM here: same files, numpy gathers
+    except (ImportError, OSError, RuntimeError) as e:  # FBGEMM absent or not loadable here
+        # (a wheel built for another torch fails with OSError/RuntimeError, not ImportError)
         log.info("embedding_server.table_store unavailable (%s): using modelpack TableReader", e)
         from modelpack.scorer import TableReader
 

@@ -3,8 +3,10 @@
 hash IDs to rows (modelpack.plan_rows over the merged batch) -> fire ONE lookup for the
 batch (the client sends one Lookup per shard carrying every table) -> while it is in
 flight, build the dense inputs and stage them on the device -> await the answers (the
-source has checked version and fingerprint) -> dequantize and pool on the device with
-the offline scorer's own functions -> dense forward -> scores.
+source has checked version and fingerprint) -> stage every feature's rows as one set of
+bags (modelpack.torch_ops.plan_bags: row counts checked on the host, three copies) ->
+dequantize and pool on the device with the offline scorer's own functions -> dense
+forward -> scores (the batch's one device -> host synchronization).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from modelpack.lookup import Packed, TableQuery
 from modelpack.requests import DecodedRequest, FeatureRows, SparseColumn, plan_rows
 from modelpack.schema import FeatureSchema
-from modelpack.scorer import pool_feature_rows
+from modelpack.torch_ops import plan_bags, pool_bags
 from ranker_server.device import Device
 from ranker_server.sources import TableSource
 from ranker_server.versions import LoadedVersion
@@ -63,6 +65,16 @@ class Staged:
 
     dense: torch.Tensor  # (N, num_dense) float32
     user_of: torch.Tensor  # (N,) int64: which request (= which user) each candidate has
+
+
+@dataclass
+class StagedRows:
+    """Every feature's looked-up rows of a batch, on the device, as one set of bags."""
+
+    rows: torch.Tensor  # (R, row_bytes) uint8, packed INT4
+    offsets: torch.Tensor  # (B + 1,) int64
+    scale: torch.Tensor  # (B,) float32
+    spans: tuple[tuple[int, int], ...]  # per feature, schema.sparse order: its bags
 
 
 def merge_requests(schema: FeatureSchema, requests: Sequence[DecodedRequest]) -> DecodedRequest:
@@ -108,19 +120,52 @@ def stage_inputs(device: Device, requests: Sequence[DecodedRequest], merged: Dec
                   device.to_device(user_of))
 
 
+def stage_rows(device: Device, version: LoadedVersion, plan: LookupPlan, packed: list[Packed]
+               ) -> StagedRows:
+    """Check each answer's shape against its query, lay the features' rows out as one set of
+    bags and copy it to the device (a short answer is refused here, never gathered past)."""
+    if len(packed) != len(plan.queries):
+        raise ValueError(f"{len(packed)} answers for {len(plan.queries)} table queries")
+    for q, p in zip(plan.queries, packed, strict=True):
+        want = (q.rows.size, version.tables[q.table].row_bytes)
+        if p.shape != want:
+            raise ValueError(f"table {q.table}: answer shaped {p.shape}, expected {want}")
+    bags = plan_bags([f.pooling for f in version.schema.sparse],
+                     [fr.offsets for fr in plan.features],
+                     [packed[q][a:b] for q, a, b in plan.segments])
+    return StagedRows(device.to_device(bags.rows), device.to_device(bags.offsets),
+                      device.to_device(bags.scale), bags.spans)
+
+
 @torch.inference_mode()
-def forward(device: Device, version: LoadedVersion, plan: LookupPlan, staged: Staged,
-            packed: list[Packed]) -> npt.NDArray[np.float32]:
+def forward(version: LoadedVersion, staged: Staged, rows: StagedRows) -> npt.NDArray[np.float32]:
     """Dequantize, pool, assemble and run the dense model; scores back on the host."""
-    on_device = [device.to_device(p) for p in packed]
-    per_feature = [on_device[q][a:b] for q, a, b in plan.segments]
-    pooled = pool_feature_rows(version.schema, plan.features, per_feature, version.dim)
+    pooled = pool_bags(rows.rows, rows.offsets, rows.scale, version.dim)
     # modelpack's assemble_sparse broadcasts ONE user; a batch has one user per request.
-    cols = [p.index_select(0, staged.user_of) if f.side == "user" else p
-            for f, p in zip(version.schema.sparse, pooled, strict=True)]
+    cols = [pooled[a:b].index_select(0, staged.user_of) if f.side == "user" else pooled[a:b]
+            for f, (a, b) in zip(version.schema.sparse, rows.spans, strict=True)]
     logits = version.dense(torch.stack(cols, dim=1), staged.dense)
     scores: npt.NDArray[np.float32] = torch.sigmoid(logits).float().cpu().numpy()
     return scores
+
+
+def warm_up(device: Device, version: LoadedVersion, sizes: Sequence[int]) -> None:
+    """Run batches of `sizes` candidates (zero IDs, zero rows) through every device step, so
+    the first real requests do not pay for CUDA's lazy initialization (cuBLAS handles,
+    kernel loading, the first pinned blocks): ~0.3 s on an H200, past many deadlines."""
+    schema = version.schema
+    for n in sizes:
+        req = DecodedRequest(
+            num_candidates=n,
+            sparse={f.name: SparseColumn(np.zeros(1 if f.side == "user" else n, np.int64),
+                                         np.ones(1 if f.side == "user" else n, np.int64))
+                    for f in schema.sparse},
+            dense=np.zeros((n, len(schema.dense)), np.float32))
+        plan = plan_lookups(version, req)
+        packed = [np.zeros((q.rows.size, version.tables[q.table].row_bytes), np.uint8)
+                  for q in plan.queries]
+        forward(version, stage_inputs(device, [req], req),
+                stage_rows(device, version, plan, packed))
 
 
 def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
@@ -163,8 +208,9 @@ class Pipeline:
         finally:
             if not lookup.done():
                 lookup.cancel()
-        scores, took = await self.device.compute(_timed, forward, self.device, version, plan,
-                                                 staged, packed)
+        rows = await self.device.stage(stage_rows, self.device, version, plan, packed)
+        scores, took = await self.device.compute(_timed, self.device.guard, forward, version,
+                                                 staged, rows)
         self.metrics.forward_duration.observe(took)
         self.metrics.batch_candidates.observe(merged.num_candidates)
         bounds = np.cumsum([0] + [r.num_candidates for r in requests])

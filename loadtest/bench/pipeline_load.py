@@ -28,7 +28,7 @@ from modelpack.manifest import read_manifest
 from modelpack.requests import DecodedRequest, Envelope
 from ranker_server import codec
 from ranker_server.device import Device
-from ranker_server.pipeline import Pipeline, forward, merge_requests, plan_lookups, stage_inputs
+from ranker_server.pipeline import Pipeline, forward, merge_requests, plan_lookups, stage_inputs, stage_rows
 from ranker_server.versions import LoadedVersion
 
 
@@ -200,8 +200,9 @@ async def stage_costs(s: Served, sizes: dict[str, int], repeats: int) -> dict[st
             packed = await p.source.lookup(v, plan.queries, s.timeout_s)
             d = time.perf_counter()
             staged = await p.device.stage(stage_inputs, p.device, reqs, merged)
+            rows_on_device = await p.device.stage(stage_rows, p.device, v, plan, packed)
             e = time.perf_counter()
-            scores = await p.device.compute(forward, p.device, v, plan, staged, packed)
+            scores = await p.device.compute(forward, v, staged, rows_on_device)
             f = time.perf_counter()
             bounds = np.cumsum([0] + [r.num_candidates for r in reqs])
             for r, lo, hi in zip(decoded, bounds[:-1], bounds[1:], strict=True):

@@ -55,10 +55,10 @@ class SlowTables:
 
 
 class RecordingDevice(Device):
-    staged_at = 0.0
+    staged_at = 0.0  # when the dense inputs went to the staging thread (its first task)
 
     async def stage(self, fn: Callable[..., T], *args: object) -> T:
-        self.staged_at = time.monotonic()
+        self.staged_at = self.staged_at or time.monotonic()
         return await super().stage(fn, *args)
 
 
