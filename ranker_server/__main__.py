@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(config, state_out=state, admin_port=admin_port)
     loop, http = fast_stack()
     server = DrainingServer(
+        # No proxy-headers middleware or Server header: per-request work the ranker never uses.
         uvicorn.Config(app, host=config.host, port=config.port, log_config=None, loop=loop, http=http,
+                       proxy_headers=False, server_header=False,
                        log_level=config.log_level.lower(), access_log=False,
                        timeout_graceful_shutdown=int(config.drain_timeout_s) or 1,
                        lifespan="on"),
