@@ -111,10 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"ranker-server: error: {e}", file=sys.stderr)
         return 2
+    if config.workers > 1:
+        from ranker_server.group_http import run_group
+
+        return run_group(config, list(sys.argv[1:] if argv is None else argv))
     # Bound here, before the app: the admin gate needs the port 0 resolved to.
     sockets: list[socket.socket] | None = None
     admin_port: int | None = None
-    if config.admin_port is not None:
+    if config.group_worker:  # the data port shared with the group, admin private
+        try:
+            sockets = [bind(config.host, config.port, reuse_port=True), bind("127.0.0.1", 0)]
+        except OSError as e:
+            log.error("worker cannot join port %d: %s", config.port, e)
+            return 1
+        admin_port = sockets[1].getsockname()[1]
+    elif config.admin_port is not None:
         try:
             sockets = [bind(config.host, config.port), bind(config.host, config.admin_port)]
         except OSError as e:

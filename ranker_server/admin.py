@@ -31,15 +31,21 @@ if TYPE_CHECKING:
     from ranker_server.app import RankerState
 
 
+def check_bearer(authorization: str, admin_token: str | None) -> None:
+    """AdminError unless the admin API is on and `authorization` carries its bearer token
+    (also the --workers supervisor's check, before it reads a body to pass on)."""
+    if admin_token is None:
+        raise AdminError(403, "admin API disabled: start the ranker with --admin-token-file")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                            admin_token.encode()):
+        raise AdminError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
 async def _authorize(request: Request) -> None:
     """Every admin route's first step: the admin API is on and the bearer token matches."""
     st: RankerState = request.state.ranker
-    if st.admin_token is None:
-        raise AdminError(403, "admin API disabled: start the ranker with --admin-token-file")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                            st.admin_token.encode()):
-        raise AdminError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+    check_bearer(request.headers.get("authorization", ""), st.admin_token)
 
 
 router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_authorize)])

@@ -109,6 +109,15 @@ class RankerConfig:
     """Retry-After header value on 429 and overload 503 answers."""
     log_level: str = "info"
     """Python logging level: debug, info, warning, error or critical."""
+    workers: int = 1
+    """Ranker processes serving --port together (SO_REUSEPORT) and sharing the device: one
+    Python process answers a few hundred requests/s, a GPU takes far more. Above 1, this
+    process supervises them and serves the admin API, the probes and /metrics on
+    --admin-port (required, as is --admin-token-file), passing every admin change to every
+    worker and restarting any that did not take it."""
+    group_worker: bool = False
+    """Set by a --workers supervisor on the processes it starts, never by hand: join --port
+    with SO_REUSEPORT and serve admin on a private loopback port."""
 
     def validate(self) -> RankerConfig:
         """Raise ConfigError naming the first bad field and value; return self."""
@@ -151,6 +160,12 @@ class RankerConfig:
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ConfigError(f"default_timeout_ms: {self.default_timeout_ms} exceeds "
                               f"max_timeout_ms {self.max_timeout_ms}")
+        require_at_least(ConfigError, 1, {"workers": self.workers})
+        if self.workers > 1 and (self.admin_port is None or self.admin_token_file is None):
+            raise ConfigError(f"workers: {self.workers} workers need --admin-port and "
+                              "--admin-token-file (their supervisor passes admin changes on)")
+        if self.group_worker and self.workers != 1:
+            raise ConfigError("group_worker: a worker of a group runs with --workers 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
         return self

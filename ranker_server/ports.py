@@ -48,14 +48,18 @@ async def _not_found(send: Send, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A bound TCP socket (uvicorn listens on it); OSError when the port is taken.
 
     Made from getaddrinfo, so its proto is IPPROTO_TCP: asyncio sets TCP_NODELAY only on
-    such sockets, and without it every response waited ~40 ms for a delayed ACK."""
+    such sockets, and without it every response waited ~40 ms for a delayed ACK.
+    `reuse_port`: SO_REUSEPORT, so the workers of one ranker (--workers) each listen on the
+    same port and the kernel spreads connections over them."""
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(addr)
     except OSError:
