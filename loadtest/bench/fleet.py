@@ -125,9 +125,9 @@ def fleet(store: Path, configs: Sequence[str], device: str = "cpu",
             shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def scrape(s: ServerProcess) -> dict[str, float]:
-    """Every sample of the ranker's /metrics as 'name{k=v,...}' -> value."""
-    text = httpx.get(f"http://{s.address}/metrics", timeout=5).text
+def scrape(s: ServerProcess | str) -> dict[str, float]:
+    """Every sample of the ranker's /metrics (a process, or host:port) as 'name{k=v,...}' -> value."""
+    text = httpx.get(f"http://{s if isinstance(s, str) else s.address}/metrics", timeout=5).text
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
