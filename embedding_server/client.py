@@ -42,8 +42,6 @@ _SERVICE_CONFIG = json.dumps({
     }],
 })
 _CHANNEL_OPTIONS = [
-    ("grpc.service_config", _SERVICE_CONFIG),
-    ("grpc.enable_retries", 1),
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.keepalive_time_ms", 30_000),
@@ -53,6 +51,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+_UNARY_OPTIONS = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1),
+                  *_CHANNEL_OPTIONS]
+# Streams retry in our own code (one rule for both transports), and gRPC's retry layer costs
+# every message on a stream a buffered copy and a filter pass: off.
+_STREAM_OPTIONS = [("grpc.enable_retries", 0), *_CHANNEL_OPTIONS]
 # UNAVAILABLE is retried this many times, and only this long after the first attempt: a
 # SIGTERM-drained or killed replica's lookups move to a sibling within a few ms, while a
 # shard with no live replica (every port refuses at once) fails fast instead of at the
@@ -94,7 +97,7 @@ def replicas_target(addresses: Sequence[str]) -> str:
 
 
 @dataclass
-class _Part:
+class ShardPart:
     """What one shard must answer for one table, and where its answer goes."""
 
     positions: npt.NDArray[np.int64] | slice  # for unpooled: output rows this shard fills
@@ -112,6 +115,41 @@ def _error(k: int, e: AttemptFailed, tried: str) -> EmbeddingLookupError:
     return cls(f"shard {k}: {e.code.name}: {e.message}{tried}", e.code, k, e.reason)
 
 
+def split_query(q: TableQuery, num_shards: int) -> list[ShardPart]:
+    """What each of `num_shards` shards must answer for `q`, and where its answer goes."""
+    bounds = shard_bounds(q.num_rows, num_shards)
+    pooled = q.pooling != "none"
+    by_shard: list[npt.NDArray[np.int64]] | list[slice]
+    if not pooled and _ascending(q.rows):
+        # De-duplicated rows (modelpack.lookup.unique_rows) are ascending: each shard's
+        # part is one slice, cut with one searchsorted instead of a scan per shard.
+        cuts = np.searchsorted(q.rows, bounds).tolist()
+        cuts[0], cuts[-1] = 0, q.rows.size  # out-of-range rows: the edge shards refuse them
+        by_shard = [slice(a, b) for a, b in itertools.pairwise(cuts)]
+    else:
+        by_shard = split_rows(q.rows, bounds)
+    if pooled:
+        assert q.offsets is not None
+        bag = np.searchsorted(q.offsets, np.arange(q.rows.size), side="right") - 1
+        num_bags = q.offsets.size - 1
+    parts = []
+    for idx in by_shard:
+        req = pb.TableLookup(table=q.table, rows=q.rows[idx].astype("<i8", copy=False).tobytes())
+        if pooled:
+            per_bag = np.bincount(bag[idx], minlength=num_bags)
+            offs = np.zeros(num_bags + 1, dtype="<i8")
+            np.cumsum(per_bag, out=offs[1:])
+            req.offsets = offs.tobytes()
+            # Bags span shards: shards return FP32 partial sums; the mean is taken here.
+            req.pooling = pb.POOLING_SUM
+            req.output = pb.OUTPUT_FP32
+        else:
+            req.pooling = pb.POOLING_NONE
+            req.output = OUTPUT[q.output]
+        parts.append(ShardPart(idx, req))
+    return parts
+
+
 class EmbeddingClient:
     """Fans lookups out to `shards` (each a list of replica addresses or one dns:/// target)."""
 
@@ -127,9 +165,9 @@ class EmbeddingClient:
         # Sent with every Lookup, for shards started with --lookup-token-file.
         self._metadata = (("authorization", f"Bearer {lookup_token}"),) if lookup_token else None
         self.transport = transport
-        self._streams = [ShardStreams(r, _CHANNEL_OPTIONS, self._metadata)
+        self._streams = [ShardStreams(r, _STREAM_OPTIONS, self._metadata)
                          for r in self.replicas] if transport == "stream" else []
-        self._channels = [grpc.aio.insecure_channel(t, options=_CHANNEL_OPTIONS)
+        self._channels = [grpc.aio.insecure_channel(t, options=_UNARY_OPTIONS)
                           for t in self.targets] if transport == "unary" else []
         self._stubs = [
             pb_grpc.EmbeddingServiceStub(c)  # type: ignore[no-untyped-call]
@@ -143,39 +181,6 @@ class EmbeddingClient:
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._streams),
                              *(c.close() for c in self._channels))
-
-    def _split(self, q: TableQuery) -> list[_Part]:
-        bounds = shard_bounds(q.num_rows, self.num_shards)
-        pooled = q.pooling != "none"
-        by_shard: list[npt.NDArray[np.int64]] | list[slice]
-        if not pooled and _ascending(q.rows):
-            # De-duplicated rows (modelpack.lookup.unique_rows) are ascending: each shard's
-            # part is one slice, cut with one searchsorted instead of a scan per shard.
-            cuts = np.searchsorted(q.rows, bounds).tolist()
-            cuts[0], cuts[-1] = 0, q.rows.size  # out-of-range rows: the edge shards refuse them
-            by_shard = [slice(a, b) for a, b in itertools.pairwise(cuts)]
-        else:
-            by_shard = split_rows(q.rows, bounds)
-        if pooled:
-            assert q.offsets is not None
-            bag = np.searchsorted(q.offsets, np.arange(q.rows.size), side="right") - 1
-            num_bags = q.offsets.size - 1
-        parts = []
-        for idx in by_shard:
-            req = pb.TableLookup(table=q.table, rows=q.rows[idx].astype("<i8").tobytes())
-            if pooled:
-                per_bag = np.bincount(bag[idx], minlength=num_bags)
-                offs = np.zeros(num_bags + 1, dtype="<i8")
-                np.cumsum(per_bag, out=offs[1:])
-                req.offsets = offs.tobytes()
-                # Bags span shards: shards return FP32 partial sums; the mean is taken here.
-                req.pooling = pb.POOLING_SUM
-                req.output = pb.OUTPUT_FP32
-            else:
-                req.pooling = pb.POOLING_NONE
-                req.output = OUTPUT[q.output]
-            parts.append(_Part(idx, req))
-        return parts
 
     async def _attempt(self, k: int, request: pb.LookupRequest, timeout_s: float
                        ) -> pb.LookupResponse:
@@ -231,7 +236,7 @@ class EmbeddingClient:
         """
         budget = timeout_s if timeout_s is not None else self.default_timeout_s
         deadline = time.monotonic() + budget
-        split = [self._split(q) for q in queries]
+        split = [split_query(q, self.num_shards) for q in queries]
         requests = [
             pb.LookupRequest(model=model, version=version, fingerprint=fingerprint,
                              tables=[parts[k].request for parts in split])
@@ -257,7 +262,7 @@ class EmbeddingClient:
                 for i, q in enumerate(queries)]
 
     @staticmethod
-    def _merge(q: TableQuery, parts: list[_Part], results: Sequence[pb.TableResult]
+    def _merge(q: TableQuery, parts: list[ShardPart], results: Sequence[pb.TableResult]
                ) -> npt.NDArray[np.generic]:
         if q.pooling != "none":
             assert q.offsets is not None

@@ -68,8 +68,13 @@ def unique_rows(rows: npt.NDArray[np.int64]
     for each once, expand the answer with `inverse`. Ascending, so every row range (a
     shard's part) is one contiguous slice of `unique` (np.searchsorted on the bounds).
     """
-    unique, inverse = np.unique(rows, return_inverse=True)
-    return unique.astype(np.int64, copy=False), inverse.reshape(-1)
+    # A sort (not an argsort) and a searchsorted: half of np.unique(return_inverse)'s time.
+    ordered = np.sort(np.asarray(rows, dtype=np.int64))
+    first = np.empty(ordered.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    unique = ordered[first]
+    return unique, np.searchsorted(unique, rows)
 
 
 def gather_rows(rows: npt.NDArray[np.int64], num_rows: int, num_parts: int, width: int,

@@ -9,7 +9,6 @@ ordinary state during a rollout or a restart, not the alarm).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -56,7 +55,7 @@ class RemoteTables:
         for q in queries:
             if q.pooling == "none":
                 unique, inverse = unique_rows(q.rows)
-                sent.append(dataclasses.replace(q, rows=unique))
+                sent.append(TableQuery(q.table, q.num_rows, q.dim, unique, None, "none", q.output))
                 inverses.append(inverse)
             else:
                 sent.append(q)

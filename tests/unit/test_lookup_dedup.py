@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_server.client import EmbeddingClient
+from embedding_server.client import split_query
 from modelpack.hashing import shard_bounds
 from modelpack.lookup import Packed, TableQuery, split_rows, unique_rows
 from ranker_server.metrics import Metrics
@@ -97,24 +97,18 @@ def test_remote_tables_return_the_same_rows_as_without_dedup(loop: asyncio.Runne
     check()
 
 
-def test_ascending_rows_split_into_the_same_parts_as_the_scan(loop: asyncio.Runner) -> None:
+@PROPERTY
+@given(st.lists(st.integers(0, NUM_ROWS - 1), max_size=300), st.integers(1, 5))
+def test_ascending_rows_split_into_the_same_parts_as_the_scan(rows_list: list[int],
+                                                              shards: int) -> None:
     """The client's slice path for de-duplicated rows agrees with split_rows' positions."""
-    clients = [loop.run(_closed(lambda k=k: EmbeddingClient([[f"127.0.0.1:{9 + i}"]  # type: ignore[misc]
-                                                               for i in range(k)])))
-               for k in range(1, 6)]
-
-    @PROPERTY
-    @given(st.lists(st.integers(0, NUM_ROWS - 1), max_size=300), st.integers(1, 5))
-    def check(rows_list: list[int], shards: int) -> None:
-        unique, _ = unique_rows(np.asarray(rows_list, dtype=np.int64))
-        parts = clients[shards - 1]._split(TableQuery("unified", NUM_ROWS, 16, unique))
-        want = split_rows(unique, shard_bounds(NUM_ROWS, shards))
-        for part, pos in zip(parts, want, strict=True):
-            assert isinstance(part.positions, slice)
-            assert np.array_equal(np.arange(unique.size)[part.positions], pos)
-            assert np.array_equal(np.frombuffer(part.request.rows, "<i8"), unique[pos])
-
-    check()
+    unique, _ = unique_rows(np.asarray(rows_list, dtype=np.int64))
+    parts = split_query(TableQuery("unified", NUM_ROWS, 16, unique), shards)
+    want = split_rows(unique, shard_bounds(NUM_ROWS, shards))
+    for part, pos in zip(parts, want, strict=True):
+        assert isinstance(part.positions, slice)
+        assert np.array_equal(np.arange(unique.size)[part.positions], pos)
+        assert np.array_equal(np.frombuffer(part.request.rows, "<i8"), unique[pos])
 
 
 async def _closed(make: Callable[[], T]) -> T:
