@@ -60,7 +60,7 @@ timeout 150 python3 -m loadtest.bench.gpu --store demo_store --device cuda \
 
 stamp "P5 real servers on CUDA"
 mkdir -p /tmp/p5_logs
-timeout 280 python3 -m loadtest.bench.gpu_servers --store demo_store --device cuda \
+timeout 330 python3 -m loadtest.bench.gpu_servers --store demo_store --device cuda \
     --log-dir /tmp/p5_logs ${GPU_SERVERS_ARGS:-} --out "$OUT/gpu_p5_servers_cuda.json" 2>&1 | tail -40
 tar czf "$OUT/servers.tgz" -C /tmp p5_logs 2>/dev/null
 stamp "done"

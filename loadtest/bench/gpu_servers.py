@@ -20,9 +20,8 @@ In one run (servers: loadtest.bench.fleet; load: loadtest.harness.multiload):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
+import signal
 import sys
 import tempfile
 import threading
@@ -35,21 +34,18 @@ import numpy as np
 
 from loadtest.bench import gpu_anchors
 from loadtest.bench.fleet import PROTOBUF, Fleet, fleet, scrape, server_side
+from loadtest.bench.gpu_parity import cold_start, eval_parity, mixed_parity
 from loadtest.bench.plotting import Panel
 from loadtest.bench.profile import profile_ranker
 from loadtest.bench.record import RESULTS, BenchRecord
-from loadtest.bench.workload import encode_bodies, mixed_requests, protobuf_bodies, version_dir
-from loadtest.harness.load import HttpPool, percentiles, schedule
+from loadtest.bench.workload import protobuf_bodies, version_dir
+from loadtest.harness.load import percentiles, schedule
 from loadtest.harness.multiload import LoadProcs
 from loadtest.harness.probes import http_ready
 from loadtest.harness.process import ServerProcess
-from modelpack.train import auc
-from protos import ranker_pb2
 
 TARGET_CANDIDATES_PER_S = 1_000_000
 TARGET_P99_MS = 20.0
-PARITY_TOLERANCE = 2e-3
-AUC_TOLERANCE = 1e-3
 ROW_BYTES = 20  # the demo's INT4 rows: dim 32 -> 16 bytes of nibbles + fp16 scale and bias
 
 
@@ -80,79 +76,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="result JSON (default loadtest/results/gpu_p5_servers_<device>.json)")
     return p.parse_args(argv)
-
-
-async def _post_all(s: ServerProcess, bodies: Sequence[bytes], concurrency: int
-                    ) -> list[np.ndarray]:
-    """Every body's scores from one ranker (`concurrency` at a time), in body order."""
-    pool = HttpPool("127.0.0.1", s.port)
-    out: list[np.ndarray] = [np.empty(0)] * len(bodies)
-    todo = iter(range(len(bodies)))
-
-    async def worker() -> None:
-        for i in todo:
-            status, payload = await pool.request("POST", "/v1/rank", bodies[i], PROTOBUF)
-            if status != 200:
-                raise RuntimeError(f"{s.name}: HTTP {status}: {payload[:300]!r}")
-            out[i] = np.frombuffer(ranker_pb2.RankResponse.FromString(payload).scores, "<f4")
-
-    try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    finally:
-        await pool.close()
-    return out
-
-
-def eval_parity(f: Fleet, vdir: Path, n: int) -> dict[str, Any]:
-    """The eval set scored by the device ranker and by the CPU ranker, and both AUCs."""
-    evals = [json.loads(x) for x in (vdir / "eval.jsonl").read_text().splitlines()[:n]]
-    labels = np.concatenate([np.asarray(r["labels"], dtype=np.float64) for r in evals])
-    bodies = encode_bodies(vdir, [{k: v for k, v in r.items() if k != "labels"} for r in evals],
-                           "protobuf")
-    dev = np.concatenate(asyncio.run(_post_all(f.rankers["remote"], bodies, 32)))
-    cpu = np.concatenate(asyncio.run(_post_all(f.rankers["remote_cpu"], bodies, 32)))
-    auc_dev, auc_cpu = auc(labels, dev), auc(labels, cpu)
-    diff = float(np.abs(dev - cpu).max())
-    return {"requests": len(evals), "candidates": int(labels.size),
-            "max_abs_score_diff": diff, "auc_device": auc_dev, "auc_cpu": auc_cpu,
-            "auc_diff": abs(auc_dev - auc_cpu),
-            "ok": diff <= PARITY_TOLERANCE and abs(auc_dev - auc_cpu) <= AUC_TOLERANCE}
-
-
-def mixed_parity(f: Fleet, vdir: Path, n: int) -> dict[str, Any]:
-    """Requests of 1..1000 candidates, 64 at a time (batches of every shape, several in
-    flight), through the device ranker and the CPU ranker: the largest score difference."""
-    bodies = encode_bodies(vdir, mixed_requests(vdir / "eval.jsonl", n, 1000, seed=7), "protobuf")
-    dev = asyncio.run(_post_all(f.rankers["remote"], bodies, 64))
-    cpu = asyncio.run(_post_all(f.rankers["remote_cpu"], bodies, 64))
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(dev, cpu, strict=True))
-    return {"requests": n, "candidates": int(sum(a.size for a in dev)),
-            "max_abs_score_diff": diff, "ok": diff <= PARITY_TOLERANCE}
-
-
-def cold_start(s: ServerProcess, bodies: Sequence[bytes], n: int = 200) -> dict[str, Any]:
-    """Latencies of the first `n` requests to a ranker that just reported ready, 8 at a time."""
-    async def run() -> list[float]:
-        pool = HttpPool("127.0.0.1", s.port)
-        lat: list[float] = []
-        todo = iter(range(n))
-
-        async def worker() -> None:
-            for i in todo:
-                t0 = time.perf_counter()
-                status, _ = await pool.request("POST", "/v1/rank", bodies[i % len(bodies)],
-                                               PROTOBUF)
-                lat.append(time.perf_counter() - t0 if status == 200 else math.inf)
-
-        try:
-            await asyncio.gather(*(worker() for _ in range(8)))
-        finally:
-            await pool.close()
-        return lat
-
-    lat = asyncio.run(run())
-    return {"requests": n, "failed": sum(1 for x in lat if math.isinf(x)), "first_ms": lat[0] * 1e3,
-            **percentiles([x for x in lat if math.isfinite(x)])}
 
 
 def step(load: LoadProcs, s: ServerProcess, bodies: Sequence[bytes], rate: float, seconds: float,
@@ -276,9 +199,10 @@ def group_steps(load: LoadProcs, f: Fleet, bodies: Sequence[bytes], args: argpar
         g.stop()
 
 
-def measure(args: argparse.Namespace, vdir: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, vdir: Path, out: dict[str, Any]) -> None:
+    """Fills `out` step by step, so a run cut short still leaves what it measured."""
     bodies = protobuf_bodies(vdir, 256, args.candidates)
-    out: dict[str, Any] = {"candidates": args.candidates}
+    out["candidates"] = args.candidates
     configs = ["remote", "local", "serial", "remote_cpu"]
     cuda = args.device == "cuda"
     with LoadProcs(args.load_procs) as load, \
@@ -313,7 +237,6 @@ def measure(args: argparse.Namespace, vdir: Path) -> dict[str, Any]:
             if x["server"]["mean_batch_candidates"] == x["server"]["mean_batch_candidates"])})
         out["anchor_raw_forward"] = gpu_anchors.raw_forward(vdir, [b for b in batches if b > 0])
         out["h2d_bandwidth"] = gpu_anchors.h2d_bandwidth()
-    return out
 
 
 class _Null:
@@ -382,12 +305,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "device; a CPU ranker's scores",
                       device=json.dumps(info), config={k: str(v) for k, v in vars(args).items()})
     rec.results["device_info"] = info
-    rec.results.update(measure(args, vdir))
-    rec.verdict = verdict(rec.results, args.candidates)
     out = args.out or RESULTS / f"gpu_p5_servers_{args.device}.json"
-    rec.write(out, panels(rec.results), title=f"P5 real servers: {info.get('gpu', 'cpu')}",
-              note=f"{args.candidates} cand/request protobuf, {args.load_procs} load procs, "
-                   f"batches <= {args.max_batch_candidates}")
+    # SIGTERM (a `timeout` around the run) unwinds: servers stopped, partial results written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        measure(args, vdir, rec.results)
+    finally:
+        complete = "overlap_and_hybrid_tax" in rec.results and "p5_workers" in rec.results
+        rec.verdict = verdict(rec.results, args.candidates) if complete else {"incomplete": True}
+        rec.write(out, panels(rec.results) if complete else (),
+                  title=f"P5 real servers: {info.get('gpu', 'cpu')}",
+                  note=f"{args.candidates} cand/request protobuf, {args.load_procs} load procs, "
+                       f"batches <= {args.max_batch_candidates}")
     print(json.dumps(rec.verdict), f"\nwrote {out}")
     return 0
 
