@@ -1,4 +1,5 @@
-"""`python -m modelpack {demo,verify,inspect}`: build the demo store, check or show a version."""
+"""`python -m modelpack {demo,verify,inspect,delta}`: build the demo store, check or show a version,
+verify, list or compact its deltas."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from modelpack import delta_cli
 from modelpack.manifest import VerifyError, read_manifest, verify
 from modelpack.schema import SchemaError
 
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("path", type=Path, help="version directory STORE/MODEL/VERSION")
     i = sub.add_parser("inspect", help="print a version's manifest")
     i.add_argument("path", type=Path, help="version directory STORE/MODEL/VERSION")
+    delta_cli.add_parser(sub)
     return p
 
 
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         results = build_demo_store(args.store, size, progress=not args.quiet, overwrite=args.force)
         print(describe(args.store, results))
         return 0
+    if args.cmd == "delta":
+        return delta_cli.run(args)
     try:
         if args.cmd == "verify":
             m = verify(args.path)
