@@ -36,6 +36,7 @@ from protos import embedding_pb2 as pb
 
 log = logging.getLogger("embedding_server")
 _QUIET_S = 0.2  # SIGTERM: stop once no lookup has arrived for this long (or the grace ends)
+_SEND_S = 1.0  # then answers still on their way out get this long before the rest is cancelled
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 
@@ -172,7 +173,7 @@ def drain(server: grpc.Server, servicer: EmbeddingServicer, health_servicer: hea
     draining, then the stream ends) while the running ones finish, and until none has
     arrived for _QUIET_S, before server.stop(): on stop, grpc core CANCELs calls that have
     arrived but not yet reached a handler, and clients do not retry CANCELLED. Streams
-    still open then are idle ones (embedding_server.streams): stop cancels them.
+    still open then are idle ones (embedding_server.streams): stop cancels them after _SEND_S.
     """
     servicer.draining = True
     health_servicer.enter_graceful_shutdown()
@@ -182,5 +183,8 @@ def drain(server: grpc.Server, servicer: EmbeddingServicer, health_servicer: hea
     while time.monotonic() < deadline and (
             servicer.inflight or time.monotonic() - servicer.last_arrival < _QUIET_S):
         time.sleep(0.005)
-    server.stop(max(deadline - time.monotonic(), 0.0)).wait()
+    # Nothing running: answers still being sent get _SEND_S, not the rest of the grace,
+    # which idle streams (embedding_server.streams) would otherwise hold the process for.
+    left = max(deadline - time.monotonic(), 0.0)
+    server.stop(left if servicer.inflight else min(left, _SEND_S)).wait()
     log.info("stopped: %d lookups still running were cancelled by the grace period", servicer.inflight)

@@ -6,6 +6,8 @@ never from the server's code.
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -87,3 +89,32 @@ def unload_version(stub: pbg.EmbeddingServiceStub, version: str, drain: float = 
     req = pb.UnloadVersionRequest(model="tiny", version=version, drain_timeout_s=drain)
     info: pb.VersionInfo = stub.UnloadVersion(req, metadata=AUTH, timeout=30)
     return info
+
+
+class StreamClient:
+    """One LookupStream used from a test: send requests, receive answers (in any order)."""
+
+    def __init__(self, stub: pbg.EmbeddingServiceStub, *, timeout: float = 30.0,
+                 metadata: Sequence[tuple[str, str]] | None = None) -> None:
+        self._q: queue.SimpleQueue[pb.LookupRequest | None] = queue.SimpleQueue()
+        self.call = stub.LookupStream(iter(self._q.get, None), timeout=timeout, metadata=metadata)
+
+    def send(self, req: pb.LookupRequest) -> None:
+        self._q.put(req)
+
+    def recv(self) -> pb.LookupResponse:
+        resp: pb.LookupResponse = next(self.call)
+        return resp
+
+    def answers(self, n: int) -> dict[int, pb.LookupResponse]:
+        """The next n answers, by id."""
+        out = {}
+        for _ in range(n):
+            r = self.recv()
+            out[r.id] = r
+        assert len(out) == n, "two answers carried the same id"
+        return out
+
+    def close(self) -> None:
+        """Half-close: the server ends the stream with OK once everything is answered."""
+        self._q.put(None)

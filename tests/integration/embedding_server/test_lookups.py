@@ -130,6 +130,16 @@ BAD_REQUESTS = [
 ]
 
 
+# The machine-readable reason of each case (x-embedding-reason / LookupFailure.reason): a
+# shard without the version and a real fingerprint disagreement share FAILED_PRECONDITION.
+REASONS = {"too many rows": "over_limit", "unknown version": "version_not_loaded",
+           "unknown model": "version_not_loaded", "fingerprint": "fingerprint_mismatch"}
+
+
+def reason_of(case: str) -> str:
+    return REASONS.get(case, "invalid_argument")
+
+
 @pytest.mark.parametrize(("case", "fields", "code", "message"), BAD_REQUESTS,
                          ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_their_code_and_message(stubs: dict[str, pbg.EmbeddingServiceStub], case: str,
@@ -140,6 +150,7 @@ def test_bad_requests_get_their_code_and_message(stubs: dict[str, pbg.EmbeddingS
         stubs["s0"].Lookup(req, timeout=10)
     assert e.value.code() == code, e.value.details()
     assert re.search(message, e.value.details()), e.value.details()
+    assert ("x-embedding-reason", reason_of(case)) in e.value.trailing_metadata()
 
 
 def test_deadlines_are_honoured(stubs: dict[str, pbg.EmbeddingServiceStub]) -> None:

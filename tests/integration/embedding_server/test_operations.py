@@ -26,6 +26,8 @@ from tests.integration.embedding_server.fleet import (
     DIM,
     SERVICE,
     TOKEN,
+    C,
+    StreamClient,
     close,
     file_rows,
     group,
@@ -64,11 +66,18 @@ def test_metrics(servers: dict[str, ServerProcess], stubs: dict[str, pbg.Embeddi
     assert "embedding_inflight_requests " in text
 
 
+def _with_id(req: pb.LookupRequest, rid: int) -> pb.LookupRequest:
+    out = pb.LookupRequest()
+    out.CopyFrom(req)  # a copy per message: the stream serializes it later, on its own thread
+    out.id = rid
+    return out
+
+
 def _scrape(port: int | None) -> str:
     return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
 
 
-def test_sigterm_drains_in_flight_lookups_and_exits_zero(store: Path, tmp_path: Path) -> None:
+def test_sigterm_drains_in_flight_lookups_and_streams_and_exits_zero(store: Path, tmp_path: Path) -> None:
     srv = server(store, tmp_path, "drain", "--shard", "1", "--num-shards", "2", "--preload", "tiny/v1",
                   "--grace-period", "30", "--metrics-port", "0", "--max-tables-per-request", "3000")
     # Thousands of small groups: long in the handler (per-group work), short on the wire.
@@ -77,44 +86,88 @@ def test_sigterm_drains_in_flight_lookups_and_exits_zero(store: Path, tmp_path: 
     vals = dequantize_rows(file_rows(store, "v1", "unified", rows), DIM).astype(np.float64)
     want = np.stack([vals[:5].sum(0), vals[5:].sum(0)])
     outcomes: list[str] = []
+    streamed: list[list[str]] = [[], []]
+
+    def right(resp: pb.LookupResponse) -> bool:  # every group's answer is `want`
+        got = np.frombuffer(b"".join(r.data for r in resp.results), np.float32)
+        return got.size == want.size * len(resp.results) and close(got.reshape(-1, *want.shape), want,
+                                                                   pb.OUTPUT_FP32)
+
     with srv:
         stub = stub_of(grpc.insecure_channel(srv.address))
-
         stop = threading.Event()
+
+        full = pb.LookupRequest(model="tiny", version="v1", tables=req)  # built once: clients stay quick
 
         def client() -> None:  # keeps lookups in flight until the server refuses them
             while not stop.is_set():
                 try:
-                    resp = lookup(stub, *req, timeout=30)
-                    got = np.frombuffer(b"".join(r.data for r in resp.results), np.float32)
-                    ok = got.size == want.size * len(req) and close(got.reshape(-1, *want.shape), want,
-                                                                     pb.OUTPUT_FP32)
-                    outcomes.append("ok" if ok else "WRONG")
+                    outcomes.append("ok" if right(stub.Lookup(full, timeout=30)) else "WRONG")
                 except grpc.RpcError as e:
                     outcomes.append(f"{e.code().name}: {e.details()}")
                     return
 
-        with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(client)
+        started = [threading.Event(), threading.Event()]
+
+        def streamer(k: int) -> None:  # two (smaller) lookups in flight until one is refused
+            st, sent, mine = StreamClient(stub, timeout=60), 0, streamed[k]
+            part = pb.LookupRequest(model="tiny", version="v1", tables=req[:300])
             try:
+                for _ in range(2):
+                    sent += 1
+                    st.send(_with_id(part, sent))
+                while not (r := st.recv()).HasField("failure"):
+                    mine.append("ok" if right(r) else "WRONG")
+                    started[k].set()
+                    sent += 1
+                    st.send(_with_id(part, sent))
+                mine.append(f"failure {r.failure.reason} {r.failure.code}")
+                rest = list(st.call)  # the stream then ends by itself
+                mine.append(f"end {st.call.code().name} {len(rest)} "
+                                f"{dict(st.call.trailing_metadata() or ()).get('x-embedding-draining')}")
+            except grpc.RpcError as e:
+                mine.append(f"stream failed: {e.code().name} {e.details()}")
+            finally:
+                st.close()
+
+        idle = StreamClient(stub, timeout=60)  # one answer, then nothing in flight at SIGTERM
+        idle.send(pb.LookupRequest(model="tiny", version="v1", tables=[group("cats", [30])]))
+        assert idle.recv().results[0].count == 1
+        with ThreadPoolExecutor(6) as pool:
+            for fn in (client,) * 4:
+                pool.submit(fn)
+            for k in range(2):
+                pool.submit(streamer, k)
+            try:
+                assert all(e.wait(20) for e in started), "the streams never answered"
                 deadline = time.monotonic() + 20
-                while not re.search(r"^embedding_inflight_requests [1-9]", _scrape(srv.metrics_port),
+                while not re.search(r"^embedding_inflight_requests [2-9]", _scrape(srv.metrics_port),
                                     re.M):
-                    assert time.monotonic() < deadline, "no lookup ever in flight"
+                    assert time.monotonic() < deadline, "no lookups in flight"
+                t0 = time.monotonic()
                 srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
                 assert srv.proc.wait(timeout=30) == 0  # type: ignore[union-attr]
+                assert time.monotonic() - t0 < 10, "an idle stream held the server for the grace period"
             finally:
                 stop.set()  # a failed assertion must not leave the clients looping forever
+        with pytest.raises(grpc.RpcError):  # the idle stream is cancelled: it had nothing in flight
+            idle.recv()
+        idle.close()
     log = srv.log_tail()
     m = re.search(r"draining: (\d+) lookups in flight", log)
     assert m and "stopped: 0 lookups still running were cancelled" in log, log
     # Every lookup the server had started was answered in full; later ones were refused
     # with the retriable UNAVAILABLE (or found the port closed), never CANCELLED.
-    assert int(m.group(1)) >= 1 and outcomes.count("ok") >= int(m.group(1)) and "WRONG" not in outcomes
+    oks = outcomes.count("ok") + sum(st.count("ok") for st in streamed)
+    assert int(m.group(1)) >= 1 and oks >= int(m.group(1))
+    assert "WRONG" not in outcomes + streamed[0] + streamed[1]
     failures = [o for o in outcomes if o != "ok"]
     assert len(failures) == 4 and all(f.startswith("UNAVAILABLE: ") for f in failures), failures
     assert "UNAVAILABLE: embedding server is shutting down (SIGTERM); retry on another replica" in failures
+    # Each stream: its received lookups answered, then one `draining` failure, then a clean end.
+    for st in streamed:
+        assert [s for s in st if s != "ok"] == [f"failure draining {C.UNAVAILABLE.value[0]}",
+                                                 "end OK 0 1"], st
 
 
 def test_workers_share_the_port_and_admin_reaches_every_worker(store: Path, tmp_path: Path) -> None:
