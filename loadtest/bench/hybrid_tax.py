@@ -1,232 +1,212 @@
-"""P2 hybrid tax: the ranker on remote embedding shards vs the same ranker with --local-tables.
+"""P2 hybrid tax: a ranker on two remote embedding shards vs the same ranker with --local-tables.
 
     python -m loadtest.bench.hybrid_tax --store demo_store
-    python -m loadtest.bench.hybrid_tax --store demo_store --rounds 2 --round-s 1   # quick
+    python -m loadtest.bench.hybrid_tax --store demo_store --rounds 2 --round-s 1 --hop-rounds 2   # quick
 
-The same offered load, open loop (Poisson arrivals at a fixed rate, send times fixed in
-advance, latency from the scheduled send), to a ranker on two remote shards (A), the same
-ranker with --local-tables (B), and A with --debug-serial-lookups (C). All three run side
-by side (loadtest/bench/fleet.py) and take turns in rounds (A B C, B C A, C A B, ...), each
-round replaying the same schedule and bodies, so drift on the shared machine hits all
-three alike. The rate is a fraction (default 0.3) of the slowest config's one-at-a-time
-service rate. Then the ranker's own Pipeline runs in this process against the same
-shards, overlapped and serial lookups alternating batch by batch. Targets: remote/local
-p50 <= 1.05x, p99 <= 1.10x. Result: loadtest/results/ranker_p2.{json,png}.
+One request at a time (closed loop, concurrency 1), 200-candidate requests (JSON, as the
+issue measured; --body protobuf), to a ranker on two remote shards (remote) and the same
+ranker with --local-tables (local), both running side by side (loadtest/bench/fleet.py)
+and taking turns in rounds (remote local, local remote, ...), so drift on the shared
+machine hits both alike. Per config: latency p50/p99 and CPU per request of every server
+process it uses (ranker + both shards, or the ranker alone), read from /proc.
+
+Then, in this process against the same shards, the hop itself: RemoteTables.lookup of
+the same requests' queries over the stream and the unary transport, next to the floor
+for the same bytes (a bare grpcio stream per shard: loadtest/bench/hop_floor.py). Last,
+py-spy on the remote ranker and on one shard under the same load: where the rest goes.
+
+Targets (issue 10): remote/local p50 <= 1.2, CPU per request <= 1.3.
+Result: loadtest/results/ranker_p2.{json,png}.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from loadtest.bench import hop_floor
 from loadtest.bench.fleet import (
     Fleet,
     check_scores_agree,
-    closed,
     fleet,
-    open_,
     parser,
     prepare,
     scrape,
     server_side,
 )
-from loadtest.bench.pipeline_load import Recorder, loaded_version
+from loadtest.bench.pipeline_load import loaded_version
 from loadtest.bench.plotting import Panel
-from loadtest.harness.load import percentiles, schedule
+from loadtest.bench.profile import profile_ranker, profile_server
+from loadtest.bench.workload import build_requests, encode_bodies
+from loadtest.harness.load import HttpPool, RunResult, closed_loop, percentiles
 from loadtest.harness.procfs import cpu_seconds
 from ranker_server import codec
 from ranker_server.device import Device
-from ranker_server.pipeline import Pipeline, merge_requests, plan_lookups, stage_inputs
-from ranker_server.remote_tables import RemoteTables
+from ranker_server.pipeline import plan_lookups
 
-TARGETS = {"p50_ratio": 1.05, "p99_ratio": 1.10}
-CONFIGS = ["remote", "local", "serial"]
-
-
-def ratio_ci(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], q: float,
-             rng: np.random.Generator, n: int = 400) -> tuple[float, float]:
-    """Bootstrap 95% interval of percentile_q(a) / percentile_q(b)."""
-    ra = np.percentile(rng.choice(a, (n, a.size)), q, axis=1)
-    rb = np.percentile(rng.choice(b, (n, b.size)), q, axis=1)
-    lo, hi = np.percentile(ra / rb, [2.5, 97.5])
-    return float(lo), float(hi)
+TARGETS = {"p50_ratio": 1.2, "cpu_ratio": 1.3}
+CONFIGS = ["remote", "local"]
+CONTENT_TYPES = {"json": "application/json", "protobuf": "application/x-protobuf"}
 
 
-def stage_window_us(vdir: Path, body: bytes) -> dict[str, float]:
-    """What the overlap window holds on this machine: the ranker's own stage_inputs for one
-    request, called directly and through the Device's staging thread."""
+def one_at_a_time(address: str, bodies: Sequence[bytes], seconds: float, content_type: str
+                  ) -> RunResult:
+    """Closed loop, one request in flight, for `seconds`."""
+    host, port = address.rsplit(":", 1)
+
+    async def run() -> RunResult:
+        pool = HttpPool(host, int(port))
+        try:
+            return await closed_loop(pool, "/v1/rank", bodies, concurrency=1,
+                                     duration_s=seconds, content_type=content_type)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def config_pids(f: Fleet, config: str) -> dict[str, int]:
+    """The server processes a config's requests use."""
+    pids = {f"ranker_{config}": f.rankers[config].pid}
+    if config == "remote":
+        pids.update({k: s.pid for k, s in f.shards.items()})
+    return pids
+
+
+def rounds(f: Fleet, bodies: Sequence[bytes], content_type: str, n_rounds: int, round_s: float
+           ) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
+    """Interleaved one-at-a-time rounds: per round rows, pooled latencies, CPU per request."""
+    lat: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    cpu: dict[str, dict[str, float]] = {c: dict.fromkeys(config_pids(f, c), 0.0) for c in CONFIGS}
+    done = dict.fromkeys(CONFIGS, 0)
+    rows: list[dict[str, Any]] = []
+    for r in range(n_rounds):
+        order = CONFIGS[r % 2:] + CONFIGS[:r % 2]
+        row: dict[str, Any] = {"round": r, "order": order}
+        for c in order:
+            pids = config_pids(f, c)
+            cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            res = one_at_a_time(f.rankers[c].address, bodies, round_s, content_type)
+            used = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+            for k, v in used.items():
+                cpu[c][k] += v
+            done[c] += len(res.status)
+            lat[c] += res.ok_latencies().tolist()
+            row[c] = {**percentiles(res.ok_latencies()), "errors": len(res.status) - res.ok,
+                      "cpu_ms_per_request": sum(used.values()) / max(len(res.status), 1) * 1e3}
+        row["p50_ratio"] = row["remote"]["p50_ms"] / row["local"]["p50_ms"]
+        row["cpu_ratio"] = row["remote"]["cpu_ms_per_request"] / row["local"]["cpu_ms_per_request"]
+        rows.append(row)
+    per_request = {c: {k: v / max(done[c], 1) * 1e3 for k, v in cpu[c].items()} for c in CONFIGS}
+    return rows, lat, {"cpu_ms_per_request": {c: {**v, "total": sum(v.values())}
+                                              for c, v in per_request.items()},
+                       "requests": done}
+
+
+def hop_vs_floor(f: Fleet, vdir: Path, pb_bodies: Sequence[bytes], hop_rounds: int, calls: int
+                 ) -> dict[str, Any]:
+    """The hop (RemoteTables over each transport) and the floor for the same bytes."""
     dev = Device("cpu")
     lv = loaded_version(vdir, dev)
-    decoded = codec.decode(codec.parse_body(body, "protobuf"), lv.schema, 1000)
-    reps = 2000
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        stage_inputs(dev, [decoded], decoded)
-    direct = (time.perf_counter() - t0) / reps
-
-    async def hops() -> float:
-        await dev.stage(stage_inputs, dev, [decoded], decoded)
-        t = time.perf_counter()
-        for _ in range(reps):
-            await dev.stage(stage_inputs, dev, [decoded], decoded)
-        return (time.perf_counter() - t) / reps
-
-    via_thread = asyncio.run(hops())
-    t0 = time.perf_counter()  # for scale: the work before the lookups fire (not overlappable)
-    for _ in range(200):
-        plan_lookups(lv, merge_requests(lv.schema, [decoded]))
-    plan = (time.perf_counter() - t0) / 200
-    dev.close()
-    return {"stage_inputs_direct_us": direct * 1e6, "stage_inputs_via_thread_us": via_thread * 1e6,
-            "plan_lookups_us": plan * 1e6}
-
-
-def pipeline_overlap_ab(f: Fleet, vdir: Path, body: bytes, n: int = 300) -> dict[str, Any]:
-    """The ranker's own Pipeline.run against the running shards, in this process, without
-    HTTP or batcher: overlapped and serial lookups alternate batch by batch (one request
-    per batch), so both see the same machine at the same moments."""
-    async def run() -> dict[str, list[float]]:
-        source = RemoteTables([[f.shards[f"shard{k}"].address] for k in range(2)], 5.0)
-        dev = Device("cpu")
-        lv = loaded_version(vdir, dev)
-        decoded = codec.decode(codec.parse_body(body, "protobuf"), lv.schema, 1000)
-        pipes = {"overlapped": Pipeline(dev, source, Recorder()),
-                 "serial": Pipeline(dev, source, Recorder(), serial_lookups=True)}
-        times: dict[str, list[float]] = {k: [] for k in pipes}
+    batches = [plan_lookups(lv, codec.decode(codec.parse_body(b, "protobuf"), lv.schema, 1000)).queries
+               for b in pb_bodies[:32]]
+    requested = sum(q.rows.size for b in batches for q in b)
+    unique = sum(np.unique(q.rows).size for b in batches for q in b)
+    shards = [f.shards[f"shard{k}"] for k in range(2)]
+    with tempfile.TemporaryDirectory(prefix="p2_floor_") as tmp:
+        floor = hop_floor.start_floor(2, Path(tmp))
         try:
-            for i in range(n + 20):
-                for name in (["overlapped", "serial"] if i % 2 else ["serial", "overlapped"]):
-                    t0 = time.perf_counter()
-                    await pipes[name].run(lv, [decoded], 5.0)
-                    if i >= 20:  # warm-up
-                        times[name].append(time.perf_counter() - t0)
+            out = asyncio.run(hop_floor.measure(
+                lv, batches, [s.address for s in shards], [s.pid for s in shards], floor,
+                rounds=hop_rounds, calls_per_block=calls))
         finally:
-            await source.close()
+            floor.stop()
             dev.close()
-        return times
-
-    t = asyncio.run(run())
-    a, b = np.asarray(t["serial"]), np.asarray(t["overlapped"])
-    return {"batches_each": n, "serial": percentiles(a), "overlapped": percentiles(b),
-            "serial_over_overlapped_p50": float(np.median(a) / np.median(b)),
-            "serial_over_overlapped_p50_ci95": ratio_ci(a, b, 50, np.random.default_rng(1)),
-            "median_paired_difference_us": float(np.median(a - b) * 1e6)}
+    out["rows_per_request"] = {"requested": requested / len(batches), "unique": unique / len(batches)}
+    return out
 
 
-def capacity(f: Fleet, bodies: Sequence[bytes], seconds: float) -> dict[str, Any]:
-    """Closed loop at concurrency 1 (service time) and 8 (saturated), per config."""
-    cap: dict[str, Any] = {}
-    for c, s in f.rankers.items():
-        one, many = closed(s, bodies, 1, seconds), closed(s, bodies, 8, seconds)
-        cap[c] = {"conc1_requests_per_s": one.ok / one.wall_s,
-                  "conc1_latency": percentiles(one.ok_latencies()),
-                  "conc8_requests_per_s": many.ok / many.wall_s,
-                  "conc8_latency": percentiles(many.ok_latencies()), "loadavg": os.getloadavg()}
-    return cap
+def profiles(f: Fleet, bodies: Sequence[bytes], content_type: str, seconds: float,
+             out_dir: Path) -> dict[str, Any]:
+    """py-spy of the remote ranker (all threads) and of shard 0 (GIL holder) under load."""
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            one_at_a_time(f.rankers["remote"].address, bodies, 1.0, content_type)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        ranker = profile_ranker(f.rankers["remote"].pid, seconds, out_dir / "p2_ranker.raw")
+        shard = profile_server(f.shards["shard0"].pid, seconds, out_dir / "p2_shard0.raw",
+                               lambda: time.sleep(seconds), native=False)
+    finally:
+        stop.set()
+        worker.join(30)
+    return {"ranker_remote": ranker, "shard0_gil": shard}
 
 
-def rounds(f: Fleet, bodies: Sequence[bytes], rate: float, n_rounds: int, round_s: float
-           ) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
-    """Interleaved open-loop rounds; per round rows, pooled latencies, CPU/request and lags."""
-    procs = f.pids()
-    cpu_by: dict[str, dict[str, float]] = {c: dict.fromkeys(procs, 0.0) for c in CONFIGS}
-    sent = dict.fromkeys(CONFIGS, 0)
-    rows: list[dict[str, Any]] = []
-    lat: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    svc: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    lag: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for r in range(n_rounds):
-        offsets = schedule(rate, round_s, seed=1000 + r)
-        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
-        row: dict[str, Any] = {"round": r, "order": order, "loadavg": os.getloadavg(),
-                               "requests": int(offsets.size)}
-        for c in order:
-            cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
-            res = open_(f.rankers[c], bodies, offsets)
-            for k, p in procs.items():
-                cpu_by[c][k] += cpu_seconds(p) - cpu0[k]
-            sent[c] += len(res.status)
-            lat[c] += res.ok_latencies().tolist()
-            svc[c] += [v for v, s in zip(res.service_s, res.status, strict=True) if s == 200]
-            lag[c] += res.send_lag_s
-            row[c] = {**percentiles(res.ok_latencies()), "errors": len(res.status) - res.ok}
-        for q in ("p50", "p99"):
-            row[f"{q}_ratio_remote_local"] = row["remote"][f"{q}_ms"] / row["local"][f"{q}_ms"]
-        rows.append(row)
-    extra = {"cpu_ms_per_request": {c: {k: v / max(sent[c], 1) * 1000 for k, v in cpu_by[c].items()
-                                        if v > 0} for c in CONFIGS},
-             "service_from_actual_send": {c: percentiles(svc[c]) for c in CONFIGS},
-             "send_lag": {c: percentiles(lag[c]) for c in CONFIGS}}
-    return rows, lat, extra
-
-
-def judge(result: dict[str, Any], lat: dict[str, list[float]]) -> dict[str, Any]:
-    """Pooled and per-round ratios with bootstrap intervals; the verdict against the targets."""
+def judge(res: dict[str, Any], lat: dict[str, list[float]]) -> dict[str, Any]:
     arr = {c: np.asarray(v) for c, v in lat.items()}
-    rng = np.random.default_rng(0)
-    result["latency"] = {c: {**percentiles(arr[c]), "n": int(arr[c].size)} for c in CONFIGS}
-    ratios: dict[str, Any] = {}
-    for a, b in (("remote", "local"), ("serial", "remote"), ("serial", "local")):
-        la, lb = result["latency"][a], result["latency"][b]
-        per = {q: [r[a][f"{q}_ms"] / r[b][f"{q}_ms"] for r in result["rounds"]] for q in ("p50", "p99")}
-        ratios[f"{a}/{b}"] = {
-            "p50": la["p50_ms"] / lb["p50_ms"], "p99": la["p99_ms"] / lb["p99_ms"],
-            "p50_ci95": ratio_ci(arr[a], arr[b], 50, rng), "p99_ci95": ratio_ci(arr[a], arr[b], 99, rng),
-            "p50_delta_ms": la["p50_ms"] - lb["p50_ms"],
-            "per_round_p50": per["p50"], "per_round_p99": per["p99"],
-            "median_of_round_ratios": {q: float(np.median(v)) for q, v in per.items()}}
-    result["ratios"] = ratios
-    hyb, med = ratios["remote/local"], ratios["remote/local"]["median_of_round_ratios"]
-    # Met only if both the pooled ratio and the median of the per-round ratios meet it: one
-    # burst of someone else's load in one round can swing a pooled p99 either way.
-    return {"p50_ratio": hyb["p50"], "p50_target": TARGETS["p50_ratio"],
-            "p50_ratio_median_of_rounds": med["p50"],
-            "p50_met": max(hyb["p50"], med["p50"]) <= TARGETS["p50_ratio"],
-            "p99_ratio": hyb["p99"], "p99_target": TARGETS["p99_ratio"],
-            "p99_ratio_median_of_rounds": med["p99"],
-            "p99_met": max(hyb["p99"], med["p99"]) <= TARGETS["p99_ratio"],
-            "serial_over_remote_p50": ratios["serial/remote"]["p50"],
-            "serial_over_remote_p50_ci95": ratios["serial/remote"]["p50_ci95"],
-            "serial_measurably_slower_p50": ratios["serial/remote"]["p50_ci95"][0] > 1.0}
+    res["latency"] = {c: {**percentiles(arr[c]), "n": int(arr[c].size)} for c in CONFIGS}
+    p50 = {c: res["latency"][c]["p50_ms"] for c in CONFIGS}
+    cpu = {c: res["cpu_ms_per_request"][c]["total"] for c in CONFIGS}
+    per_round = {k: float(np.median([r[k] for r in res["rounds"]])) for k in ("p50_ratio", "cpu_ratio")}
+    hop = res["hop_vs_floor"]
+    p50_ratio, cpu_ratio = p50["remote"] / p50["local"], cpu["remote"] / cpu["local"]
+    return {"p50_ms": p50, "p50_ratio": p50_ratio, "p50_target": TARGETS["p50_ratio"],
+            "p50_ratio_median_of_rounds": per_round["p50_ratio"],
+            "p50_met": max(p50_ratio, per_round["p50_ratio"]) <= TARGETS["p50_ratio"],
+            "cpu_ms_per_request": cpu, "cpu_ratio": cpu_ratio, "cpu_target": TARGETS["cpu_ratio"],
+            "cpu_ratio_median_of_rounds": per_round["cpu_ratio"],
+            "cpu_met": max(cpu_ratio, per_round["cpu_ratio"]) <= TARGETS["cpu_ratio"],
+            "hop_us_end_to_end_p50": (p50["remote"] - p50["local"]) * 1e3,
+            "hop_us_in_process_p50": {k: hop[k]["p50_us"] for k in ("hop_stream", "hop_unary")},
+            "floor_us_p50_same_bytes": hop["floor_stream"]["p50_us"],
+            "hop_cpu_us_per_lookup": {k: hop[k]["client_cpu_us_per_call"] + hop[k]["servers_cpu_us_per_call"]
+                                      for k in ("hop_stream", "hop_unary", "floor_stream")}}
 
 
-def panels(result: dict[str, Any]) -> list[Panel]:
-    lat, rows = result["latency"], result["rounds"]
+def panels(res: dict[str, Any]) -> list[Panel]:
+    lat, rows, hop, cpu = res["latency"], res["rounds"], res["hop_vs_floor"], res["cpu_ms_per_request"]
     qs = ("p50_ms", "p90_ms", "p99_ms")
-    ab = result["in_process_pipeline_ab"]
+    kinds = ("hop_stream", "hop_unary", "floor_stream")
     return [
-        Panel(f"latency from scheduled send at {result['rate']['requests_per_s']:.0f} req/s (ms)",
-              [q.removesuffix("_ms") for q in qs], {c: [lat[c][q] for q in qs] for c in CONFIGS},
-              ylabel="ms", log=True),
+        Panel("latency, one request at a time (ms)", [q.removesuffix("_ms") for q in qs],
+              {c: [lat[c][q] for q in qs] for c in CONFIGS}, ylabel="ms"),
+        Panel("CPU per request, all server processes (ms)", CONFIGS,
+              {"ranker": [cpu[c][f"ranker_{c}"] for c in CONFIGS],
+               "embedding shards": [cpu[c]["total"] - cpu[c][f"ranker_{c}"] for c in CONFIGS],
+               "total": [cpu[c]["total"] for c in CONFIGS]}, ylabel="ms"),
         Panel("remote / local per round (configs interleaved)", [str(r["round"]) for r in rows],
-              {"p50 ratio": [r["p50_ratio_remote_local"] for r in rows],
-               "p99 ratio": [r["p99_ratio_remote_local"] for r in rows]}, ylabel="ratio",
-              targets={"p50 target 1.05": TARGETS["p50_ratio"], "p99 target 1.10": TARGETS["p99_ratio"]},
+              {"p50 ratio": [r["p50_ratio"] for r in rows], "CPU ratio": [r["cpu_ratio"] for r in rows]},
+              ylabel="ratio", targets={"p50 target 1.2": TARGETS["p50_ratio"],
+                                       "CPU target 1.3": TARGETS["cpu_ratio"]},
               annotate=len(rows) <= 6),
-        Panel("in-process Pipeline.run vs the same shards, one request per batch (ms)",
-              ["p50", "p99"], {k: [ab[k]["p50_ms"], ab[k]["p99_ms"]] for k in ("overlapped", "serial")},
-              ylabel="ms"),
+        Panel("the hop in-process vs the bare grpcio floor, same bytes (µs per lookup)",
+              ["p50 latency", "client CPU", "servers CPU"],
+              {k: [hop[k]["p50_us"], hop[k]["client_cpu_us_per_call"],
+                   hop[k]["servers_cpu_us_per_call"]] for k in kinds}, ylabel="µs"),
     ]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> Any:
     p = parser("hybrid_tax", __doc__, "ranker_p2.json")
-    p.add_argument("--rate", type=float, default=None, help="requests/s (default: measured)")
-    p.add_argument("--load-fraction", type=float, default=0.3,
-                   help="rate as a fraction of the slowest config's one-at-a-time service rate")
+    p.add_argument("--body", choices=sorted(CONTENT_TYPES), default="json", help="request body")
     p.add_argument("--rounds", type=int, default=10, help="rounds of interleaved configs")
     p.add_argument("--round-s", type=float, default=3.0, help="seconds per config per round")
-    p.add_argument("--capacity-s", type=float, default=2.0, help="seconds per capacity probe")
-    p.add_argument("--ab-batches", type=int, default=300, help="batches each in the in-process A/B")
+    p.add_argument("--hop-rounds", type=int, default=6, help="blocks per kind, hop vs floor")
+    p.add_argument("--hop-calls", type=int, default=300, help="lookups per block, hop vs floor")
+    p.add_argument("--profile-s", type=float, default=8.0, help="py-spy seconds (0: none)")
     return p.parse_args(argv)
 
 
@@ -237,33 +217,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "local (--local-tables): same ranker, lookups without the network hop")
     if ready is None:
         return 2
-    vdir, rec, bodies = ready
+    vdir, rec, pb_bodies = ready
+    bodies = pb_bodies if args.body == "protobuf" else encode_bodies(
+        vdir, build_requests(vdir / "eval.jsonl", len(pb_bodies), args.candidates), "json")
+    ctype = CONTENT_TYPES[args.body]
     res = rec.results
+    res["body"] = args.body
     with fleet(Path(args.store), CONFIGS) as f:
         res["startup_s"] = time.monotonic() - started
-        res["sanity"] = check_scores_agree(f, bodies[0])
+        res["sanity"] = check_scores_agree(f, pb_bodies[0])
         for s in f.rankers.values():  # warm every code path (first batches are slow)
-            closed(s, bodies, 4, 1.0)
-        res["capacity"] = cap = capacity(f, bodies, args.capacity_s)
-        # The slowest config's one-at-a-time service rate bounds its capacity from below:
-        # offer a fraction of it, so latency, not queueing, is what gets compared.
-        rate = args.rate or args.load_fraction * min(v["conc1_requests_per_s"] for v in cap.values())
-        res["rate"] = {"requests_per_s": rate, "candidates_per_s": rate * args.candidates,
-                       "utilization_vs_one_at_a_time_service_rate": {
-                           c: rate / v["conc1_requests_per_s"] for c, v in cap.items()}}
+            one_at_a_time(s.address, bodies, 1.5, ctype)
         before = {c: scrape(s) for c, s in f.rankers.items()}
-        budget = args.budget_s - (time.monotonic() - started) - 30
-        n_rounds = max(1, min(args.rounds, int(budget // (len(CONFIGS) * (args.round_s + 0.5)))))
-        res["rounds"], lat, extra = rounds(f, bodies, rate, n_rounds, args.round_s)
+        res["rounds"], lat, extra = rounds(f, bodies, ctype, args.rounds, args.round_s)
         res.update(extra)
         res["server_side"] = {c: server_side(before[c], scrape(s)) for c, s in f.rankers.items()}
-        res["in_process_pipeline_ab"] = pipeline_overlap_ab(f, vdir, bodies[0], args.ab_batches)
+        after = scrape(f.rankers["remote"])
+        res["lookup_rows"] = {k: after.get(f"ranker_lookup_rows_{k}_total{{}}", 0.0)
+                              for k in ("requested", "unique")}
+        res["hop_vs_floor"] = hop_vs_floor(f, vdir, pb_bodies, args.hop_rounds, args.hop_calls)
+        if args.profile_s > 0:
+            with tempfile.TemporaryDirectory(prefix="p2_pyspy_") as tmp:
+                res["profiles"] = profiles(f, bodies, ctype, args.profile_s, Path(tmp))
     rec.verdict = judge(res, lat)
-    res["overlap_window"] = {**stage_window_us(vdir, bodies[0]),
-                             "remote_lookup_ms_mean": res["server_side"]["remote"]["lookup_ms"],
-                             "serial_lookup_ms_mean": res["server_side"]["serial"]["lookup_ms"]}
     rec.write(args.out, panels(res), title="P2 hybrid tax: ranker on remote shards vs --local-tables",
-              note=f"{args.candidates} cand/request, protobuf, open loop")
+              note=f"{args.candidates} cand/request, {args.body}, one request at a time")
     print("\n".join(f"  {k}: {v}" for k, v in rec.verdict.items()))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
