@@ -117,6 +117,11 @@ def test_lookup_token_is_required_when_configured(stub: pbg.EmbeddingServiceStub
             stub.Lookup(req, metadata=md, timeout=10)
         assert e.value.code() == C.UNAUTHENTICATED
         assert "--lookup-token-file" in e.value.details(), e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # a stream is refused at open, as a whole
+            next(stub.LookupStream(iter([req]), metadata=md, timeout=10))
+        assert e.value.code() == C.UNAUTHENTICATED, e.value.details()
+    assert [r.results[0].count for r in stub.LookupStream(iter([req, req]), metadata=AUTH, timeout=10)] \
+        == [3, 3]
     # Read-only calls stay open: the ranker's prepare handshake and health checks use them.
     assert [v.model for v in stub.ListVersions(pb.ListVersionsRequest(), timeout=10).versions] \
         == ["tiny", "wide"]
