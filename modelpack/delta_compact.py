@@ -114,7 +114,8 @@ def compact(version_dir: Path | str, upto: int, new_version: str, *,
             for b, e, view in _blocks(vdir, spec):
                 block = np.array(view)
                 lo, hi = np.searchsorted(merged.rows, [b, e])
-                block[merged.rows[lo:hi] - b] = merged.packed[lo:hi]
+                if hi > lo:
+                    block[merged.rows[lo:hi] - b] = merged.packed[lo:hi]
                 w.write_table_packed(spec, block)
         shutil.copyfile(vdir / base.dense.path, w.path / base.dense.path)
         for f in base.files:
@@ -123,7 +124,11 @@ def compact(version_dir: Path | str, upto: int, new_version: str, *,
         for rel, data in (extra_files or {}).items():
             w.add_file(rel, data)
     assert w.manifest is not None
-    m = check_compaction(vdir.parent / new_version, vdir, upto, chain=chain)
+    try:
+        m = check_compaction(vdir.parent / new_version, vdir, upto, chain=chain)
+    except DeltaError:  # never leave a version that is not what it claims to be
+        shutil.rmtree(vdir.parent / new_version, ignore_errors=True)
+        raise
     log.info("compacted %s/%s + deltas 1..%d into %s %s", base.model, base.version, upto,
              new_version, m.fingerprint)
     return m
