@@ -1,5 +1,5 @@
-"""`python -m modelpack {demo,verify,inspect,delta}`: build the demo store, check or show a version,
-verify, list or compact its deltas."""
+"""`python -m modelpack {demo,verify,inspect,delta,delta-train}`: build the demo store, check or
+show a version, verify, list or compact its deltas, train the demo's deltas."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         results = build_demo_store(args.store, size, progress=not args.quiet, overwrite=args.force)
         print(describe(args.store, results))
         return 0
-    if args.cmd == "delta":
+    if args.cmd in ("delta", "delta-train"):
         return delta_cli.run(args)
     try:
         if args.cmd == "verify":

@@ -1,4 +1,4 @@
-"""`python -m modelpack delta {verify,list,compact}`: check, show and fold a version's deltas."""
+"""`python -m modelpack delta {verify,list,compact}` and `delta-train`: a version's deltas."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelpack.configcli import ConfigFlags
 from modelpack.delta import TMP_PREFIX, DeltaError, deltas_dir
 from modelpack.delta_read import list_seqs, load_delta_manifest, verify_chain
+from modelpack.delta_train_size import DeltaTrainSize
 from modelpack.manifest import VerifyError, read_manifest
 from modelpack.schema import SchemaError
+
+_TRAIN_FLAGS = ConfigFlags(DeltaTrainSize)
 
 
 def _seq_arg(text: str) -> int:
@@ -34,6 +38,12 @@ def add_parser(sub: Any) -> None:
     c.add_argument("path", type=Path, help="version directory STORE/MODEL/VERSION")
     c.add_argument("--upto", type=_seq_arg, required=True, help="last seq to fold in")
     c.add_argument("--to", required=True, help="name of the new version (e.g. v1c3)")
+    t = sub.add_parser("delta-train", help="demo: train a version's tables further on a newer "
+                       "synthetic day, dense frozen, writing a delta every N examples")
+    t.add_argument("path", type=Path, help="version directory STORE/MODEL/VERSION")
+    _TRAIN_FLAGS.add_to(t)
+    t.add_argument("--eval", type=Path, default=None,
+                   help="labelled requests (eval.jsonl) to score before and after: served AUC")
 
 
 def _list(path: Path, as_json: bool) -> int:
@@ -59,9 +69,31 @@ def _list(path: Path, as_json: bool) -> int:
     return status
 
 
+def _train(args: argparse.Namespace) -> int:
+    from modelpack.delta_train import delta_train, served_auc  # imports torch
+
+    size = DeltaTrainSize(**_TRAIN_FLAGS.values(args))
+    base = read_manifest(args.path)
+    reqs = []
+    if args.eval is not None:
+        reqs = [json.loads(line) for line in args.eval.read_text().splitlines() if line.strip()]
+    before = served_auc(args.path, base, reqs, None) if reqs else 0.0
+    ms = delta_train(args.path, size, progress=True)
+    for m in ms:
+        print(f"{m.seq}\t{m.fingerprint}\t{m.num_rows} rows\t{m.provenance}")
+    if reqs:
+        seqs = f"{ms[0].seq - 1} -> {ms[-1].seq}"
+        after = served_auc(args.path, base, reqs, None)
+        print(f"served AUC on {args.eval} at seq {seqs}: {before:.4f} -> {after:.4f} "
+              f"({after - before:+.4f})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed `delta` subcommand; errors are one line on stderr and exit status 1."""
+    """Run a parsed `delta`/`delta-train` subcommand; errors: one line on stderr, status 1."""
     try:
+        if args.cmd == "delta-train":
+            return _train(args)
         if args.delta_cmd == "verify":
             ms = verify_chain(args.path, args.upto)
             last = f"{ms[-1].fingerprint} at seq {ms[-1].seq}" if ms else "no deltas"
@@ -75,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
         m = compact(args.path, args.upto, args.to)
         print(f"OK {m.model}/{m.version} {m.fingerprint} = {args.path.name} + deltas 1..{args.upto}")
         return 0
-    except (DeltaError, VerifyError, SchemaError, FileExistsError) as e:
+    except (DeltaError, VerifyError, SchemaError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

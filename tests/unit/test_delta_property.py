@@ -27,7 +27,7 @@ from tests.unit.delta_helpers import TABLE_ROWS, base_rows, version_copy
 # Fixed seed, and no local example database that could make CI's run differ from the last.
 PROPERTY = settings(deadline=None, database=None, derandomize=True, max_examples=300,
                     suppress_health_check=[HealthCheck.too_slow])
-DISK = settings(PROPERTY, max_examples=30)
+DISK = settings(PROPERTY, max_examples=20)
 WIDTH = 6
 NUM_ROWS = 40  # small, so deltas overlap each other and reads hit them often
 
