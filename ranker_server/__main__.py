@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                       config.port, config.admin_port, e)
             return 1
         admin_port = sockets[1].getsockname()[1]
+    # The event loop, staging and compute threads pass the GIL back and forth on every
+    # batch; at the default 5 ms a thread can wait out a whole interval for it. 1 ms: +14%
+    # candidates/s with small JSON requests (10 paired windows on 2 cores, all better).
+    sys.setswitchinterval(0.001)
     state: list[RankerState] = []
     app = create_app(config, state_out=state, admin_port=admin_port)
     loop, http = fast_stack()

@@ -1,8 +1,8 @@
 """Public HTTP endpoints: POST /v1/rank, /healthz, /readyz, /metrics.
 
-POST /v1/rank, the hot path, is a bare ASGI handler (`RankRoute`) in front of FastAPI's
-middleware and routing, whose per-request cost was a third of the event loop's time
-under load: overload is shed from the headers alone, before the body is read. It raises
+POST /v1/rank, the hot path, is a bare ASGI app (`serve_rank`) that the app calls ahead of
+FastAPI's middleware and routing, whose per-request cost was a third of the event loop's
+time under load: overload is shed from the headers alone, before the body is read. It raises
 RankError for every refusal, answered by `error_response` (which the app's one handler
 uses too), and records its metrics once, in `_Recorded`, however the request ends.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Receive, Scope
+from starlette.types import Receive, Scope, Send
 
 from modelpack.httpbody import BodyError, read_capped
 from ranker_server import codec
@@ -64,7 +64,7 @@ RANK_OPENAPI: dict[str, Any] = {
                   "429": {"description": "overloaded: the queue is full; retry after "
                           "`Retry-After` seconds"}},
 }
-"""The OpenAPI operation of POST /v1/rank (not a FastAPI route: see RankRoute)."""
+"""The OpenAPI operation of POST /v1/rank (not a FastAPI route: see serve_rank)."""
 
 
 def error_response(e: HttpError) -> Response:
@@ -109,22 +109,17 @@ class _Recorded:
             raise RankError(500, "internal", "internal error") from exc
 
 
-class RankRoute:
-    """The app's outermost ASGI layer: POST /v1/rank is answered here; the rest passes on."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != RANK_PATH:
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] != "POST":
-            response = Response(json.dumps({"detail": "method not allowed: POST only"}), 405,
-                                {"Allow": "POST"}, media_type="application/json")
-        else:
-            response = await rank(scope["state"]["ranker"], scope, receive)  # the lifespan's
-        await response(scope, receive, send)
+async def serve_rank(scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI app of /v1/rank (the lifespan's RankerState in the scope), its answer sent
+    as two bare messages: no Starlette Response, no per-request header objects."""
+    if scope["method"] == "POST":
+        status, body, headers = await rank(scope["state"]["ranker"], scope, receive)
+    else:
+        status, body = 405, b'{"detail": "method not allowed: POST only"}'
+        headers = [(b"content-type", b"application/json"), (b"allow", b"POST")]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", b"%d" % len(body)), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -152,7 +147,11 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         raise RankError(e.status, "body_too_large", e.message, field="body") from None
 
 
-async def rank(st: RankerState, scope: Scope, receive: Receive) -> Response:
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+"""An HTTP answer: status, body, headers (besides content-length)."""
+
+
+async def rank(st: RankerState, scope: Scope, receive: Receive) -> Answer:
     """Score one user's candidates with one version (JSON or protobuf body)."""
     cfg = st.config
     try:
@@ -179,9 +178,11 @@ async def rank(st: RankerState, scope: Scope, receive: Receive) -> Response:
                                 "the scores were ready") from None
             body, media = codec.encode_response(kind, env.request_id, cfg.model, rec.version,
                                                 rec.scores)
-            return Response(body, media_type=media)
+            return 200, body, [(b"content-type", media.encode())]
     except RankError as e:
-        return error_response(e)
+        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers().items()]
+        return e.status, json.dumps(e.body()).encode(), [(b"content-type", b"application/json"),
+                                                         *extra]
 
 
 @router.get("/healthz")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from starlette.types import ASGIApp
+from starlette.types import Receive, Scope, Send
 
 from ranker_server import admin, api
 from ranker_server.batcher import Batcher
@@ -66,14 +66,18 @@ def _render(request: Request, exc: Exception) -> Response:
 
 
 class RankerApp(FastAPI):
-    """FastAPI with POST /v1/rank answered in front of its middleware stack (api.RankRoute),
-    behind the admin port gate if any; documented in its OpenAPI all the same."""
+    """FastAPI, with /v1/rank answered ahead of it (api.serve_rank: no telemetry check, no
+    middleware, no routing) yet documented in its OpenAPI; on the admin port, /v1/rank goes
+    the normal way, to the admin port gate's 404."""
 
     admin_port: int | None = None
 
-    def build_middleware_stack(self) -> ASGIApp:
-        app: ASGIApp = api.RankRoute(super().build_middleware_stack())
-        return app if self.admin_port is None else AdminPortGate(app, admin_port=self.admin_port)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == api.RANK_PATH and (
+                self.admin_port is None or (scope.get("server") or ("", 0))[1] != self.admin_port):
+            await api.serve_rank(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -132,5 +136,7 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
     app.include_router(api.router)
     app.include_router(admin.router)
     app.add_exception_handler(HttpError, _render)
-    app.admin_port = admin_port
+    if admin_port is not None:
+        app.admin_port = admin_port
+        app.add_middleware(AdminPortGate, admin_port=admin_port)
     return app
