@@ -15,6 +15,7 @@ inside one file (the usual case) takes the single-kernel path with no routing at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +41,18 @@ class Segment:
     @property
     def stop(self) -> int:
         return self.start + int(self.weights.shape[0])
+
+    @cached_property
+    def packed(self) -> Packed:
+        """`weights` as numpy: np.take gathers packed rows in ~0.65x torch.index_select's CPU
+        time here (4096-16384 rows of 20 bytes)."""
+        out: Packed = self.weights.numpy()
+        return out
+
+    def take(self, local: npt.NDArray[np.int64]) -> Packed:
+        """Packed rows at local row indices, all in range (checked by the caller)."""
+        out: Packed = np.take(self.packed, local, axis=0, mode="clip")  # "clip": no second check
+        return out
 
 
 @dataclass
@@ -79,15 +92,11 @@ class ServedTable:
     def gather(self, rows: npt.NDArray[np.int64]) -> Packed:
         """Packed INT4 rows of global row ids, all within [start, stop) (not checked here)."""
         if (s := self._only_segment(rows)) is not None:
-            local = torch.from_numpy(rows - s.start if s.start else rows)
-            out: Packed = torch.index_select(s.weights, 0, local).numpy()
-            return out
+            return s.take(rows - s.start if s.start else rows)
 
         def take(k: int, file_rows: npt.NDArray[np.int64]) -> Packed:
             seg = self._by_file[k]  # file_rows are local to file k, whose row 0 is global _file_start[k]
-            local = torch.from_numpy(file_rows + (int(self._file_start[k]) - seg.start))
-            taken: Packed = seg.weights.index_select(0, local).numpy()
-            return taken
+            return seg.take(file_rows + (int(self._file_start[k]) - seg.start))
 
         return gather_rows(rows, self.spec.rows, self.spec.num_shards, self.spec.row_bytes, take)
 

@@ -5,8 +5,9 @@
 
 For batches of 512 / 4096 / 16384 rows, single-ID INT4_PACKED and pooled (L=20, FP16):
 
-- in-process anchor: the server's own kernel on the same memory-mapped table, one thread
-  pinned to one core (torch.index_select of packed rows; Int4Kernel.lookup for pooled);
+- in-process anchor: the server's own kernel on the same memory-mapped table plus one copy
+  of the answer (gather + copy), one thread pinned to one core (np.take of packed rows, as
+  the server gathers them; Int4Kernel.lookup for pooled);
 - gRPC: a real `python -m embedding_server` process pinned to core 0, this process (the
   client) pinned to core 1; sync stubs sending pre-serialized requests and keeping the
   raw response bytes (no client-side protobuf work); closed loop, 1 and 2 callers, each
@@ -237,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       compared="python -m embedding_server over loopback gRPC (server pinned to one "
                                "core, client to the other), 1 and 2 closed-loop callers, unary "
                                "Lookup and LookupStream; the bare grpcio floor in the same run",
-                      anchor="the server's own kernel on the same memory-mapped table, in-process, "
+                      anchor="the server's own kernel on the same memory-mapped table plus one copy "
+                             "of the answer (np.take / Int4Kernel.lookup, then tobytes), in-process, "
                              "one pinned thread", device="cpu",
                       config={k: str(v) for k, v in vars(args).items()})
     result = rec.results

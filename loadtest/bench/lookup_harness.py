@@ -198,14 +198,18 @@ def lookup_request(cell: Cell, rows: npt.NDArray[np.int64], version: str, finger
     return pb.LookupRequest(model=model, version=version, fingerprint=fingerprint, tables=[g])
 
 
-def anchor_call(cell: Cell, table: MappedTable) -> Callable[[npt.NDArray[np.int64]], Callable[[], Any]]:
-    """Given rows, a zero-argument callable running the server's kernel on them in-process."""
-    def make(rows: npt.NDArray[np.int64]) -> Callable[[], Any]:
-        idx = torch.from_numpy(rows)
+def anchor_call(cell: Cell, table: MappedTable) -> Callable[[npt.NDArray[np.int64]], Callable[[], bytes]]:
+    """Given rows, a zero-argument callable running the server's kernel on them in-process
+    and copying the answer out once (bytes): the gather + copy the server is judged by.
+    Packed rows are gathered as the server does, with np.take (~0.65x torch.index_select's
+    CPU time for these sizes)."""
+    packed = table.weights.numpy()
+
+    def make(rows: npt.NDArray[np.int64]) -> Callable[[], bytes]:
         if cell.mode == "packed":
-            return lambda: torch.index_select(table.weights, 0, idx)
-        off = torch.from_numpy(offsets_for(cell.batch))
-        return lambda: table.kernel.lookup(idx, off, "sum", "fp16")
+            return lambda: np.take(packed, rows, axis=0, mode="clip").tobytes()
+        idx, off = torch.from_numpy(rows), torch.from_numpy(offsets_for(cell.batch))
+        return lambda: table.kernel.lookup(idx, off, "sum", "fp16").numpy().tobytes()
 
     return make
 
@@ -255,6 +259,5 @@ def check_answer(cell: Cell, table: MappedTable, rows: npt.NDArray[np.int64], ra
     resp = pb.LookupResponse.FromString(raw)
     if resp.version != version or len(resp.results) != 1:
         raise AssertionError(f"{cell.name}: unexpected answer {resp.version} {len(resp.results)}")
-    want = anchor_call(cell, table)(rows)()
-    if resp.results[0].data != want.numpy().tobytes():
+    if resp.results[0].data != anchor_call(cell, table)(rows)():
         raise AssertionError(f"{cell.name}: gRPC answer differs from the in-process kernel")
