@@ -10,7 +10,7 @@ the window). Configs (remote shards, --local-tables, and remote with OMP_NUM_THR
 ranker and shards; loadtest/bench/fleet.py) take turns in short windows, each followed
 at once by the raw forward, and per-process CPU time gives a contention-robust
 CPU-efficiency ratio beside the wall-clock one. Then py-spy samples the remote ranker
-under the same load, grouped by pipeline stage. Target: end to end >= 0.7x raw.
+under the same load, grouped by pipeline stage. Target: end to end >= 0.55x raw (issue 10).
 Result: loadtest/results/ranker_p4.{json,png}.
 """
 
@@ -38,7 +38,7 @@ from loadtest.harness.procfs import cpu_seconds
 from modelpack.dense import load_dense
 from modelpack.manifest import read_manifest
 
-TARGET = 0.7
+TARGET = 0.55  # issue 10's, from 0.415; 0.7 needs the forward off the CPU
 CONFIGS = ["remote", "local", "remote_1thread"]
 
 
