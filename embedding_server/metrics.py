@@ -30,8 +30,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.rows = Counter("embedding_rows_total", "Rows served by Lookup",
                             ["table", "output"], registry=r)
-        self.errors = Counter("embedding_errors_total", "RPCs that ended in an error status",
-                              ["code"], registry=r)
+        self.errors = Counter("embedding_errors_total",
+                              "RPCs (and streamed lookups) that ended in an error, by status code and "
+                              "reason (version_not_loaded and fingerprint_mismatch apart)",
+                              ["code", "reason"], registry=r)
         # Each worker maps the same files (one page cache), so the max is the truth.
         self.loaded_bytes = Gauge("embedding_loaded_bytes", "Table bytes mapped per loaded version",
                                   ["model", "version"], registry=r, multiprocess_mode="livemax")

@@ -64,7 +64,7 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
         return self._inflight
 
     def count_error(self, err: ServiceError) -> None:
-        self.metrics.errors.labels(err.code.name).inc()
+        self.metrics.errors.labels(err.code.name, err.reason).inc()
 
     def _abort(self, context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
         self.count_error(err)

@@ -56,11 +56,16 @@ def test_health_and_reflection(servers: dict[str, ServerProcess]) -> None:
 
 def test_metrics(servers: dict[str, ServerProcess], stubs: dict[str, pbg.EmbeddingServiceStub]) -> None:
     lookup(stubs["s0"], group("unified", np.arange(7), pb.OUTPUT_FP16))
-    with pytest.raises(grpc.RpcError):
-        lookup(stubs["s0"], group("unified", [999]))
+    for bad in ({"tables": [group("unified", [999])]}, {"version": "v9"}, {"fingerprint": "sha256:feed"}):
+        with pytest.raises(grpc.RpcError):
+            stubs["s0"].Lookup(pb.LookupRequest(**{"model": "tiny", "version": "v1", **bad}), timeout=10)
     text = _scrape(servers["s0"].metrics_port)
+    for reason in ("version_not_loaded", "fingerprint_mismatch"):  # counted apart
+        assert re.search(rf'embedding_errors_total\{{code="FAILED_PRECONDITION",reason="{reason}"\}} [1-9]',
+                         text), reason
     assert re.search(r'embedding_rows_total\{output="fp16",table="unified"\} ([0-9.e+]+)', text)
-    assert re.search(r'embedding_errors_total\{code="INVALID_ARGUMENT"\} [1-9]', text)
+    assert re.search(r'embedding_errors_total\{code="INVALID_ARGUMENT",reason="invalid_argument"\} [1-9]',
+                     text)
     assert re.search(r'embedding_loaded_bytes\{model="tiny",version="v1"\} 6216.0', text)
     assert 'embedding_lookup_duration_seconds_bucket{le="5e-05"}' in text
     assert "embedding_inflight_requests " in text
