@@ -144,9 +144,24 @@ def test_overload_is_429_with_retry_after(store: Path) -> None:
             await asyncio.sleep(0.001)
         r = await client.post("/v1/rank", json=tiny_request(2))
         assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["reason"] == "overloaded"
         assert (await first).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'ranker_requests_total{code="429",version="none"} 1.0' in metrics
+        assert 'ranker_errors_total{reason="overloaded"} 1.0' in metrics
 
     run(store, body, max_queue=1, max_batch_wait_ms=300.0, eager_dispatch=False)
+
+
+def test_rank_is_post_only_and_documented(store: Path) -> None:
+    async def body(client: Any, state: Any) -> None:
+        r = await client.get("/v1/rank")
+        assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+        op = (await client.get("/openapi.json")).json()["paths"]["/v1/rank"]["post"]
+        assert set(op["requestBody"]["content"]) == {"application/json", "application/x-protobuf"}
+        assert "429" in op["responses"]
+
+    run(store, body)
 
 
 def test_expired_deadline_is_504(store: Path) -> None:
