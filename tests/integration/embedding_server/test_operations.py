@@ -56,9 +56,11 @@ def test_health_and_reflection(servers: dict[str, ServerProcess]) -> None:
 
 def test_metrics(servers: dict[str, ServerProcess], stubs: dict[str, pbg.EmbeddingServiceStub]) -> None:
     lookup(stubs["s0"], group("unified", np.arange(7), pb.OUTPUT_FP16))
-    for bad in ({"tables": [group("unified", [999])]}, {"version": "v9"}, {"fingerprint": "sha256:feed"}):
+    for bad in (pb.LookupRequest(model="tiny", version="v1", tables=[group("unified", [999])]),
+                pb.LookupRequest(model="tiny", version="v9"),
+                pb.LookupRequest(model="tiny", version="v1", fingerprint="sha256:feed")):
         with pytest.raises(grpc.RpcError):
-            stubs["s0"].Lookup(pb.LookupRequest(**{"model": "tiny", "version": "v1", **bad}), timeout=10)
+            stubs["s0"].Lookup(bad, timeout=10)
     text = _scrape(servers["s0"].metrics_port)
     for reason in ("version_not_loaded", "fingerprint_mismatch"):  # counted apart
         assert re.search(rf'embedding_errors_total\{{code="FAILED_PRECONDITION",reason="{reason}"\}} [1-9]',
