@@ -204,7 +204,10 @@ def parse_delta_manifest(raw: object, where: str) -> DeltaManifest:
         written_at=float(_field(raw, "written_at", (int, float), where)), provenance=prov,
     )
     fp = _field(raw, "fingerprint", str, where)
-    want = m.compute_fingerprint()
+    try:
+        want = m.compute_fingerprint()
+    except ValueError:  # json.loads takes NaN/Infinity; canonical JSON does not
+        raise DeltaError(f"{where}: manifest holds a NaN or Infinity number") from None
     if fp != want:
         raise DeltaError(f"{where}: fingerprint {fp} does not match its manifest ({want}): "
                          "the manifest was edited")

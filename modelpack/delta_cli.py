@@ -10,7 +10,7 @@ from typing import Any
 
 from modelpack.configcli import ConfigFlags
 from modelpack.delta import TMP_PREFIX, DeltaError, deltas_dir
-from modelpack.delta_read import list_seqs, load_delta_manifest, verify_chain
+from modelpack.delta_read import good_prefix, list_seqs, load_delta_manifest, verify_chain
 from modelpack.delta_train_size import DeltaTrainSize
 from modelpack.manifest import VerifyError, read_manifest
 from modelpack.schema import SchemaError
@@ -95,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
         if args.cmd == "delta-train":
             return _train(args)
         if args.delta_cmd == "verify":
-            ms = verify_chain(args.path, args.upto)
+            if args.upto is None:  # the whole chain: say where a stream would pause
+                ms, err = good_prefix(args.path)
+                if err is not None:
+                    last = f"seq {ms[-1].seq} ({ms[-1].fingerprint})" if ms else "seq 0 (the version)"
+                    print(f"error: {err}\nlast good: {last}", file=sys.stderr)
+                    return 1
+            else:
+                ms = verify_chain(args.path, args.upto)
             last = f"{ms[-1].fingerprint} at seq {ms[-1].seq}" if ms else "no deltas"
             print(f"OK {args.path}: {len(ms)} deltas verified, {sum(m.num_rows for m in ms)} rows, "
                   f"{last}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +80,10 @@ def load_delta_manifest(version_dir: Path, seq: int, base: Manifest | None = Non
     except FileNotFoundError:
         missing = "directory" if not path.parent.is_dir() else "manifest.json"
         raise DeltaError(f"{where}: {missing} is missing ({path})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DeltaError(f"{where}: manifest is not valid JSON: {e}") from None
+    except OSError as e:  # e.g. `deltas/<seq>` is a file, or unreadable
+        raise DeltaError(f"{where}: cannot read its manifest: {e}") from None
     m = parse_delta_manifest(raw, where)
     if (m.model, m.version) != (base.model, base.version):
         raise DeltaError(f"{where}: belongs to {m.model}/{m.version}, not {base.model}/{base.version}")
@@ -111,19 +113,24 @@ def _prev_link(version_dir: Path, base: Manifest, seq: int) -> str:
     """The fingerprint delta `seq` must name as its predecessor."""
     if seq == 1:
         return base.fingerprint
-    if not delta_dir(version_dir, seq - 1).is_dir():
+    if not delta_dir(version_dir, seq - 1).exists():
         raise DeltaError(f"{_where(base, seq)}: delta {seq - 1} is missing (a gap in the chain)")
     return load_delta_manifest(version_dir, seq - 1, base).fingerprint
 
 
 def _read_file(ddir: Path, m: DeltaManifest, rel: str) -> bytes:
     entry = m.file(rel)
+    path = ddir / rel
     try:
-        data = (ddir / rel).read_bytes()
+        size = path.stat().st_size  # before reading: a huge stray file is refused unread
+        if size == entry.bytes:
+            data = path.read_bytes()
     except FileNotFoundError:
         raise DeltaError(f"{m.name}: file {rel} is missing") from None
-    if len(data) != entry.bytes:
-        raise DeltaError(f"{m.name}: file {rel} has {len(data)} bytes, manifest says {entry.bytes}")
+    except OSError as e:
+        raise DeltaError(f"{m.name}: file {rel} cannot be read: {e}") from None
+    if size != entry.bytes or len(data) != entry.bytes:
+        raise DeltaError(f"{m.name}: file {rel} has {size} bytes, manifest says {entry.bytes}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         raise DeltaError(f"{m.name}: file {rel} sha256 {digest} != manifest {entry.sha256} (corrupt)")
@@ -183,29 +190,46 @@ def verify_delta(version_dir: Path | str, seq: int) -> DeltaManifest:
     return read_delta(version_dir, seq).manifest
 
 
+def _walk(vdir: Path, base: Manifest, last: int) -> Iterator[Delta]:
+    """Deltas 1..last verified in order, each against the one before."""
+    prev = base.fingerprint
+    for seq in range(1, last + 1):
+        if not delta_dir(vdir, seq).exists():
+            gap = f"a gap in the chain before delta {seq + 1}" if seq < last else "not written"
+            raise DeltaError(f"{_where(base, seq)}: is missing ({gap})")
+        d = read_delta(vdir, seq, base=base, prev_fingerprint=prev)
+        prev = d.manifest.fingerprint
+        yield d
+
+
 def read_chain(version_dir: Path | str, upto: int | None = None) -> list[Delta]:
     """Verify and read deltas 1..upto in order (upto None: every delta present)."""
     vdir = Path(version_dir)
     base = read_manifest(vdir)
     if upto is not None and upto != 0:
         check_seq(upto, "upto")  # 0 is V itself: an empty chain
-    present = list_seqs(vdir)
-    last = (present[-1] if present else 0) if upto is None else upto
-    out: list[Delta] = []
-    prev = base.fingerprint
-    for seq in range(1, last + 1):
-        if not delta_dir(vdir, seq).is_dir():
-            gap = f"a gap in the chain before delta {seq + 1}" if seq < last else "not written"
-            raise DeltaError(f"{_where(base, seq)}: is missing ({gap})")
-        d = read_delta(vdir, seq, base=base, prev_fingerprint=prev)
-        prev = d.manifest.fingerprint
-        out.append(d)
-    return out
+    last = (list_seqs(vdir) or [0])[-1] if upto is None else upto
+    return list(_walk(vdir, base, last))
 
 
 def verify_chain(version_dir: Path | str, upto: int | None = None) -> list[DeltaManifest]:
     """Verify deltas 1..upto in order; returns their manifests."""
     return [d.manifest for d in read_chain(version_dir, upto)]
+
+
+def good_prefix(version_dir: Path | str) -> tuple[list[DeltaManifest], DeltaError | None]:
+    """The longest chain 1..k that verifies, and why delta k + 1 does not (None: all do).
+
+    Where a stream pauses: at the last good seq, with the refusal to show for the next.
+    """
+    vdir = Path(version_dir)
+    good: list[DeltaManifest] = []
+    try:
+        for d in _walk(vdir, read_manifest(vdir), (list_seqs(vdir) or [0])[-1]):
+            good.append(d.manifest)
+    except DeltaError as e:
+        return good, e
+    return good, None
 
 
 def fold(deltas: Sequence[TableDelta]) -> TableDelta:

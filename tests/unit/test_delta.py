@@ -15,7 +15,7 @@ import pytest
 
 from modelpack import delta_write
 from modelpack.delta import DELTA_MANIFEST, DeltaError, check_seq, delta_dir, deltas_dir
-from modelpack.delta_read import list_seqs, read_chain, read_delta, verify_chain, verify_delta
+from modelpack.delta_read import good_prefix, list_seqs, read_chain, read_delta, verify_chain, verify_delta
 from modelpack.delta_write import next_seq, write_delta, write_delta_packed
 from modelpack.int4 import quantize_rows
 from modelpack.manifest import read_manifest
@@ -190,6 +190,9 @@ TAMPERING: list[tuple[str, Callable[[Path], None], str]] = [
      "is not 'modelpack-delta' v1"),
     ("extra file listed", lambda v: forge(v, 2, manifest=lambda m: m["files"].append(
         {"path": "../../x", "bytes": 0, "sha256": "0" * 64})), "are not the tables' files"),
+    ("nan in manifest", lambda v: forge(v, 2, manifest=lambda m: m.update(written_at=float("nan"))),
+     "manifest holds a NaN or Infinity number"),
+    ("not a directory", lambda v: _replace_by_file(delta_dir(v, 2)), "cannot read its manifest"),
     ("out of order", lambda v: _swap(delta_dir(v, 2), delta_dir(v, 3)),
      "its manifest says seq 3 (out of order"),
     ("gap", lambda v: shutil.rmtree(delta_dir(v, 1)), "delta 1: is missing (a gap in the chain"),
@@ -201,6 +204,11 @@ def _rename_table(m: dict[str, Any], old: str, new: str) -> None:
         f'"name": "{old}"', f'"name": "{new}"')
     m.clear()
     m.update(json.loads(text))
+
+
+def _replace_by_file(d: Path) -> None:
+    shutil.rmtree(d)
+    d.write_bytes(b"{}")
 
 
 def _swap(a: Path, b: Path) -> None:
@@ -221,7 +229,9 @@ def test_verifier_refuses_tampering_naming_the_delta(vdir: Path, case: str,
     text = str(e.value)
     assert message in text, text
     assert ("tiny/v1 delta 1" in text) if case == "gap" else ("tiny/v1 delta 2" in text), text
-    assert verify_chain(vdir, 1 if case != "gap" else 0) is not None  # what came before still reads
+    good, err = good_prefix(vdir)  # where the stream pauses: the last good seq, and why
+    assert [m.seq for m in good] == ([] if case == "gap" else [1])
+    assert err is not None and str(err) == text
 
 
 def test_verify_delta_alone_checks_its_link(vdir: Path) -> None:

@@ -104,6 +104,9 @@ def test_cli_list_verify_compact(vdir: Path, capsys: pytest.CaptureFixture[str])
     assert "OK tiny/v1c3 sha256:" in capsys.readouterr().out
     shutil.rmtree(delta_dir(vdir, 2))
     assert main(["delta", "verify", str(vdir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tiny/v1 delta 2: is missing (a gap") and "last good: seq 1" in err
+    assert main(["delta", "verify", str(vdir), "--upto", "3"]) == 1
     assert "error: tiny/v1 delta 2: is missing (a gap" in capsys.readouterr().err
     assert main(["delta", "list", "--json", str(vdir)]) == 0
     assert [line[:9] for line in capsys.readouterr().out.splitlines()] == ['{"seq": 1', '{"seq": 3']
@@ -120,4 +123,6 @@ def test_cli_as_a_process(vdir: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "modelpack", "delta", "verify", str(vdir)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
-    assert bad.stderr.strip() == "error: tiny/v1 delta 3: file tables/unified/rows.i64 is missing"
+    first, last = bad.stderr.strip().splitlines()
+    assert first == "error: tiny/v1 delta 3: file tables/unified/rows.i64 is missing"
+    assert last.startswith("last good: seq 2 (sha256:")
