@@ -2,8 +2,12 @@
 
 Lookups are bounded by our own in-flight counter rather than grpc's
 maximum_concurrent_rpcs, so overload sheds lookups (RESOURCE_EXHAUSTED) while health
-checks and admin calls still get through. Every failure is a ServiceError turned into
-context.abort with its code and message, and counted by code.
+checks and admin calls still get through. Unary Lookup and every message of a
+LookupStream (streams.py) go through the same `answer`; answers leave as wire bytes
+(registered without a response serializer, see server.method_handlers). Every failure is a
+ServiceError: on unary turned into context.abort with its code and message and the
+reason as trailing metadata x-embedding-reason, on a stream into that lookup's
+LookupFailure; counted by code and reason.
 """
 
 from __future__ import annotations
