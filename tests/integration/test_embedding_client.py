@@ -20,6 +20,7 @@ Expected values always come from the shard files through numpy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import signal
@@ -57,9 +58,9 @@ Float = npt.NDArray[np.float64]
 T = TypeVar("T")
 
 
-def _server(store: Path, log_dir: Path, name: str, *args: str) -> ServerProcess:
+def _server(store: Path, log_dir: Path, name: str, *args: str, port: int = 0) -> ServerProcess:
     return ServerProcess.module("embedding_server", "--store", str(store), *args, log_dir=log_dir,
-                                name=name, ready=grpc_serving)
+                                name=name, ready=grpc_serving, port=port)
 
 
 @pytest.fixture(scope="module")
@@ -378,12 +379,14 @@ def test_too_short_a_deadline_is_deadline_exceeded(servers: dict[str, ServerProc
     assert got.shape == (5, ROW_BYTES)  # the servers are fine afterwards
 
 
-def test_a_shard_with_no_live_replica_fails_in_milliseconds(
+def test_a_shard_with_no_live_replica_fails_fast_and_heals_when_it_restarts(
         stores: dict[str, Path], servers: dict[str, ServerProcess], tmp_path: Path) -> None:
-    """Its port refuses connections at once: the lookup must not wait out its deadline."""
+    """Its port refuses connections at once: the lookup must not wait out its deadline. A
+    replica restarted on its old address serves the same client again within its backoff."""
     victim = _server(stores["main"], tmp_path, "victim", "--shard", "1", "--num-shards", "2",
                      "--preload", "tiny/v1")
     rows = np.arange(0, ROWS, 7)
+    healed_after = [float("inf")]
 
     async def body(c: EmbeddingClient) -> list[tuple[str, float]]:
         [got] = await c.lookup("tiny", "v1", "", [query(rows)])
@@ -398,11 +401,21 @@ def test_a_shard_with_no_live_replica_fails_in_milliseconds(
             except EmbeddingLookupError as e:
                 assert e.shard == 1, e
                 outcomes.append((str(e.code), time.perf_counter() - t0))
+        with _server(stores["main"], tmp_path, "again", "--shard", "1", "--num-shards", "2",
+                     "--preload", "tiny/v1", port=victim.port):
+            serving = time.perf_counter()
+            while time.perf_counter() - serving < 5:
+                with contextlib.suppress(EmbeddingLookupError):
+                    [got] = await c.lookup("tiny", "v1", "", [query(rows)])
+                    healed_after[0] = time.perf_counter() - serving
+                    break
+                await asyncio.sleep(0.05)
         return outcomes
 
     with victim:
         outcomes = run_with([[servers["s0"].address], [victim.address]], body, timeout_s=2.0)
     assert all(code == str(C.UNAVAILABLE) and took < 0.2 for code, took in outcomes), outcomes
+    assert healed_after[0] < 1.5, healed_after  # reconnect backoff: at most 1 s
 
 
 def test_the_lookup_token_is_sent_when_the_shard_wants_one(
