@@ -43,6 +43,16 @@ class TableDelta:
     rows: Rows
     packed: Packed
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the rows and their bytes (what an overlay of it costs, before indexing)."""
+        return int(self.rows.nbytes + self.packed.nbytes)
+
+    def within(self, lo: int, hi: int) -> TableDelta:
+        """The part replacing global rows [lo, hi): what the shard owning that range applies."""
+        a, b = np.searchsorted(self.rows, [lo, hi])
+        return TableDelta(self.rows[a:b], self.packed[a:b])
+
 
 @dataclass(frozen=True)
 class Delta:

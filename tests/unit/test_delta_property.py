@@ -65,6 +65,14 @@ def test_overlay_is_v_with_deltas_1_to_s_in_order(stream: list[dict[int, int]], 
     assert np.array_equal(base_read, base[rows])  # the base rows are never written
     merged = fold([as_table_delta(d) for d in stream[:s]])
     assert np.all(np.diff(merged.rows) > 0)
+    # A shard applies only its range's part of each delta and answers the same for its rows.
+    cut = data.draw(st.integers(0, NUM_ROWS), label="shard boundary")
+    for lo, hi in ((0, cut), (cut, NUM_ROWS)):
+        mine = rows[(rows >= lo) & (rows < hi)]
+        parts = [as_table_delta(d).within(lo, hi) for d in stream[:s]]
+        assert all(p.rows.size == 0 or (p.rows[0] >= lo and p.rows[-1] < hi) for p in parts)
+        assert np.array_equal(overlay_rows(base[mine], mine, parts), want[mine])
+    assert merged.nbytes == merged.rows.size * (8 + WIDTH) or s == 0
     if s:
         assert np.array_equal(merged.packed, want[merged.rows])
 
