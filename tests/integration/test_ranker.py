@@ -124,6 +124,18 @@ def rank_all(s: ServerProcess, reqs: list[dict[str, Any]], workers: int = 8
         return list(pool.map(lambda r: client.post(url(s, "/v1/rank"), json=r), reqs))
 
 
+def _raw_exchange(s: ServerProcess, head: str, body: bytes = b"") -> tuple[bytes, float]:
+    """(status line + headers, seconds to them) of one request sent on a raw socket."""
+    host, port = s.address.rsplit(":", 1)
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
 def test_eval_scores_equal_offline_scores_and_auc(store: Path,
                                                   fleet: dict[str, ServerProcess]) -> None:
     reqs = eval_requests(store)
@@ -184,18 +196,13 @@ def test_canary_split_pins_each_request_to_one_version(store: Path,
 
 def test_admin_refuses_a_huge_body_without_token_before_reading_it(
         fleet: dict[str, ServerProcess]) -> None:
-    host, port = fleet["main"].address.rsplit(":", 1)
-    head = (f"PUT /admin/v1/split HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json"
-            f"\r\ncontent-length: {10**12}\r\n\r\n")  # a terabyte, never sent
-    started = time.monotonic()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head.encode() + b'{"split": ')
-        answer = b""
-        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
-            answer += chunk
+    main = fleet["main"]
+    head = (f"PUT /admin/v1/split HTTP/1.1\r\nhost: {main.address}\r\ncontent-type: "
+            f"application/json\r\ncontent-length: {10**12}\r\n\r\n")  # a terabyte, never sent
+    answer, took = _raw_exchange(main, head, b'{"split": ')
     assert answer.startswith(b"HTTP/1.1 401 "), answer
     assert b"www-authenticate: bearer" in answer.lower()
-    assert time.monotonic() - started < 2
+    assert took < 2
 
 
 def test_prepare_refuses_a_version_the_shards_do_not_hold(store: Path,
@@ -211,18 +218,6 @@ def test_prepare_refuses_a_version_the_shards_do_not_hold(store: Path,
     assert "does not hold ads_ctr/v3" in r.json()["detail"]
     assert admin(main, "PUT", "/split", json={"split": {"v3": 1.0}}).status_code == 409
     assert admin(main, "DELETE", "/versions/v3").status_code == 200
-
-
-def _raw_exchange(s: ServerProcess, head: str, body: bytes = b"") -> tuple[bytes, float]:
-    """(status line + headers, seconds to them) of one request sent on a raw socket."""
-    host, port = s.address.rsplit(":", 1)
-    started = time.monotonic()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head.encode() + body)
-        answer = b""
-        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
-            answer += chunk
-    return answer, time.monotonic() - started
 
 
 def test_overload_gets_429_and_expired_deadlines_504(store: Path,
