@@ -24,42 +24,13 @@ from modelpack.hashing import shard_range
 from modelpack.manifest import Manifest, read_manifest, verify
 from modelpack.schema import TableSpec, check_name
 from modelpack.scorer import TableReader
-from modelpack.writer import VersionWriter, _TableStream
+from modelpack.writer import VersionWriter
 
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 1 << 16
 # V's files that describe V's own tables and must not be claimed by the compacted version.
 DEFAULT_DROP = ("metrics.json",)
-
-
-class _PackedStream(_TableStream):
-    """A table stream fed already-packed INT4 rows, in blocks that never cross a shard."""
-
-    def write_packed(self, packed: npt.NDArray[np.uint8]) -> None:
-        if self.fh is None or self.next_row >= self._bound(self.shard + 1):
-            self._open_next()
-        n = packed.shape[0]
-        if packed.shape[1:] != (self.spec.row_bytes,) or self.next_row + n > self._bound(self.shard + 1):
-            raise ValueError(f"table {self.spec.name!r}: packed block {packed.shape} at row "
-                             f"{self.next_row} does not fit shard {self.shard}")
-        data = np.ascontiguousarray(packed, dtype=np.uint8).tobytes()
-        assert self.fh is not None
-        self.fh.write(data)
-        self.hash.update(data)
-        self.size += len(data)
-        self.next_row += n
-        if self.bar is not None:
-            self.bar.update(n)
-
-
-class _PackedVersionWriter(VersionWriter):
-    def write_table_packed(self, spec: TableSpec, packed: npt.NDArray[np.uint8]) -> None:
-        stream = self.streams.get(spec.name)
-        if stream is None:
-            stream = self.streams[spec.name] = _PackedStream(self.tmp, spec, self.progress)
-        assert isinstance(stream, _PackedStream)
-        stream.write_packed(packed)
 
 
 def _blocks(vdir: Path, spec: TableSpec) -> list[tuple[int, int, npt.NDArray[np.uint8]]]:
@@ -105,7 +76,7 @@ def compact(version_dir: Path | str, upto: int, new_version: str, *,
                   "base_provenance": base.provenance}
     skip = {t.shard_path(k) for t in base.tables for k in range(t.num_shards)}
     skip |= {base.dense.path, *drop, *(extra_files or {})}
-    w = _PackedVersionWriter(vdir.parent.parent, base.model, new_version, base.schema,
+    w = VersionWriter(vdir.parent.parent, base.model, new_version, base.schema,
                              list(base.tables), base.dense, provenance=provenance,
                              progress=progress)
     with w:
@@ -116,7 +87,7 @@ def compact(version_dir: Path | str, upto: int, new_version: str, *,
                 lo, hi = np.searchsorted(merged.rows, [b, e])
                 if hi > lo:
                     block[merged.rows[lo:hi] - b] = merged.packed[lo:hi]
-                w.write_table_packed(spec, block)
+                w.write_table_packed(spec.name, block)
         shutil.copyfile(vdir / base.dense.path, w.path / base.dense.path)
         for f in base.files:
             if f.path not in skip:

@@ -30,7 +30,7 @@ from modelpack.dense import load_dense
 from modelpack.int4 import dequantize_rows
 from modelpack.manifest import Manifest, verify
 from modelpack.scorer import TableReader
-from modelpack.train import TrainedModel, _batch, _features, _logits, auc, score_float
+from modelpack.train import TrainedModel, auc, batch_logits, click_features, make_batch, score_float
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def delta_train(version_dir: Path | str, size: DeltaTrainSize | None = None, *,
                                   for n, w in served_tables(vdir, base).items()}
     candidates = synth.DEMO_CANDIDATES
     day_log = synth.generate_log(-(-size.examples // candidates), candidates, size.day, size.seed)
-    feats = _features(base.schema, {t.name: t.rows for t in base.tables}, day_log)
+    feats = click_features(base.schema, {t.name: t.rows for t in base.tables}, day_log)
     opt = torch.optim.SparseAdam(list(weights.values()), lr=size.embedding_lr)
     per_batch = max(1, size.batch_size // candidates)
     order = np.random.default_rng(size.seed).permutation(day_log.num_requests)
@@ -73,9 +73,9 @@ def delta_train(version_dir: Path | str, size: DeltaTrainSize | None = None, *,
     torch.set_num_threads(1)  # as modelpack.train: 2 threads ran up to 30x slower on a busy box
     try:
         for i in range(0, len(order), per_batch):
-            b = _batch(base.schema, feats, order[i:i + per_batch])
+            b = make_batch(base.schema, feats, order[i:i + per_batch])
             loss = F.binary_cross_entropy_with_logits(
-                _logits(base.schema, weights, dense, b, quantize=True), b.labels)
+                batch_logits(base.schema, weights, dense, b, quantize=True), b.labels)
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()  # type: ignore[no-untyped-call]

@@ -108,7 +108,7 @@ def _ragged_take(values: np.ndarray, offsets: np.ndarray, idx: np.ndarray
     return values[pos], new
 
 
-def _features(schema: FeatureSchema, table_rows: Mapping[str, int], log: ClickLog) -> _Features:
+def click_features(schema: FeatureSchema, table_rows: Mapping[str, int], log: ClickLog) -> _Features:
     r, c = log.num_requests, log.candidates_per_request
     bags = []
     for f in schema.sparse:
@@ -130,7 +130,7 @@ def _features(schema: FeatureSchema, table_rows: Mapping[str, int], log: ClickLo
                      log.labels.astype(np.float32))
 
 
-def _batch(schema: FeatureSchema, feats: _Features, reqs: np.ndarray) -> _Batch:
+def make_batch(schema: FeatureSchema, feats: _Features, reqs: np.ndarray) -> _Batch:
     ex, ex_off = _ragged_take(np.arange(len(feats.labels)), feats.ex_offsets, reqs)
     local = np.repeat(np.arange(len(reqs)), np.diff(ex_off))
     bags = []
@@ -141,7 +141,7 @@ def _batch(schema: FeatureSchema, feats: _Features, reqs: np.ndarray) -> _Batch:
                   torch.from_numpy(feats.labels[ex]))
 
 
-def _logits(schema: FeatureSchema, weights: Mapping[str, Tensor], dense: nn.Module,
+def batch_logits(schema: FeatureSchema, weights: Mapping[str, Tensor], dense: nn.Module,
             b: _Batch, quantize: bool) -> Tensor:
     pooled = []
     for f, (rows, offsets) in zip(schema.sparse, b.bags, strict=True):
@@ -192,7 +192,7 @@ def train_model(
         dense.load_state_dict(init_from.dense.state_dict())
         for name, bag in bags.items():
             bag.weight.data.copy_(torch.from_numpy(init_from.tables[name]))
-    feats = _features(schema, {t.name: t.rows for t in tables}, log)
+    feats = click_features(schema, {t.name: t.rows for t in tables}, log)
     weights: dict[str, Tensor] = {name: bag.weight for name, bag in bags.items()}
     opt_sparse = torch.optim.SparseAdam(list(weights.values()), lr=embedding_lr)
     opt_dense = torch.optim.Adam(dense.parameters(), lr=lr)
@@ -208,10 +208,10 @@ def train_model(
             bar = tqdm(range(0, len(order), per_batch), desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not progress, leave=False)
             for k, i in enumerate(bar):
-                b = _batch(schema, feats, order[i:i + per_batch])
+                b = make_batch(schema, feats, order[i:i + per_batch])
                 quantize = epoch * steps + k >= qat_step
                 loss = F.binary_cross_entropy_with_logits(
-                    _logits(schema, weights, dense, b, quantize), b.labels)
+                    batch_logits(schema, weights, dense, b, quantize), b.labels)
                 opt_sparse.zero_grad()
                 opt_dense.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -230,11 +230,11 @@ def score_log(trained: TrainedModel, schema: FeatureSchema, log: ClickLog, *,
     """Click probabilities (E,) of every example of `log`, FP32 tables or INT4 round-tripped."""
     tables = int4_tables(trained.tables) if int4 else trained.tables
     weights = {n: torch.from_numpy(w) for n, w in tables.items()}
-    feats = _features(schema, {n: w.shape[0] for n, w in tables.items()}, log)
+    feats = click_features(schema, {n: w.shape[0] for n, w in tables.items()}, log)
     out = []
     for i in range(0, log.num_requests, chunk):
-        b = _batch(schema, feats, np.arange(i, min(i + chunk, log.num_requests)))
-        out.append(torch.sigmoid(_logits(schema, weights, trained.dense, b, quantize=False)))
+        b = make_batch(schema, feats, np.arange(i, min(i + chunk, log.num_requests)))
+        out.append(torch.sigmoid(batch_logits(schema, weights, trained.dense, b, quantize=False)))
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
 
@@ -259,7 +259,7 @@ def score_float(trained: TrainedModel, schema: FeatureSchema,
         local = np.repeat(np.arange(len(part)), [d.num_candidates for d in part])
         b = _Batch(bags, torch.from_numpy(local),
                    torch.from_numpy(np.concatenate([d.dense for d in part])), torch.zeros(0))
-        out.append(torch.sigmoid(_logits(schema, weights, trained.dense, b, quantize=False)))
+        out.append(torch.sigmoid(batch_logits(schema, weights, trained.dense, b, quantize=False)))
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
 

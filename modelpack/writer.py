@@ -67,23 +67,34 @@ class _TableStream:
         self.entries.append(FileEntry(self.spec.shard_path(self.shard), self.size, self.hash.hexdigest()))
 
     def write(self, block: npt.NDArray[np.floating]) -> None:
+        """Quantize a float block of the next rows and append it."""
         spec = self.spec
         if block.ndim != 2 or block.shape[1] != spec.dim:
             raise ValueError(
                 f"table {spec.name!r}: block must be (rows, {spec.dim}), got shape {block.shape}"
             )
-        if self.next_row + block.shape[0] > spec.rows:
+        self._check_room(block.shape[0])
+        self.write_packed(quantize_rows(block, name=f"table {spec.name!r}", row_offset=self.next_row))
+
+    def _check_room(self, n: int) -> None:
+        if self.next_row + n > self.spec.rows:
             raise ValueError(
-                f"table {spec.name!r}: {self.next_row + block.shape[0]} rows written, "
-                f"the table has {spec.rows}"
+                f"table {self.spec.name!r}: {self.next_row + n} rows written, "
+                f"the table has {self.spec.rows}"
             )
-        packed = quantize_rows(block, name=f"table {spec.name!r}", row_offset=self.next_row)
+
+    def write_packed(self, packed: npt.NDArray[np.uint8]) -> None:
+        """Append already-packed INT4 rows (the TBE layout), split over the shard files."""
+        if packed.ndim != 2 or packed.shape[1] != self.spec.row_bytes or packed.dtype != np.uint8:
+            raise ValueError(f"table {self.spec.name!r}: packed rows must be uint8 "
+                             f"(rows, {self.spec.row_bytes}), got {packed.dtype} {packed.shape}")
+        self._check_room(packed.shape[0])
         pos = 0
         while pos < packed.shape[0]:
             if self.fh is None or self.next_row >= self._bound(self.shard + 1):
                 self._open_next()
             take = min(packed.shape[0] - pos, self._bound(self.shard + 1) - self.next_row)
-            chunk = packed[pos:pos + take].tobytes()
+            chunk = np.ascontiguousarray(packed[pos:pos + take]).tobytes()
             assert self.fh is not None
             self.fh.write(chunk)
             self.hash.update(chunk)
@@ -91,7 +102,7 @@ class _TableStream:
             pos += take
             self.next_row += take
         if self.bar is not None:
-            self.bar.update(block.shape[0])
+            self.bar.update(packed.shape[0])
 
     def finish(self) -> list[FileEntry]:
         if self.next_row != self.spec.rows:
@@ -148,14 +159,21 @@ class VersionWriter:
         self.tmp.mkdir(parents=True)
         return self
 
-    def write_table(self, name: str, block: npt.NDArray[np.floating]) -> None:
-        """Append a float block of rows to table `name` (blocks must arrive in row order)."""
+    def _stream(self, name: str) -> _TableStream:
         if name not in self.streams:
             spec = next((t for t in self.tables if t.name == name), None)
             if spec is None:
                 raise ValueError(f"unknown table {name!r}; declared: {[t.name for t in self.tables]}")
             self.streams[name] = _TableStream(self.tmp, spec, self.progress)
-        self.streams[name].write(block)
+        return self.streams[name]
+
+    def write_table(self, name: str, block: npt.NDArray[np.floating]) -> None:
+        """Append a float block of rows to table `name` (blocks must arrive in row order)."""
+        self._stream(name).write(block)
+
+    def write_table_packed(self, name: str, packed: npt.NDArray[np.uint8]) -> None:
+        """Append already-packed INT4 rows to table `name` (in row order; compaction)."""
+        self._stream(name).write_packed(packed)
 
     def write_table_blocks(self, name: str, blocks: Iterable[npt.NDArray[np.floating]]) -> None:
         for b in blocks:
