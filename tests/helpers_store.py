@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from modelpack.dense import build_dense
 from modelpack.export import export_version
 from modelpack.manifest import Manifest
 from modelpack.schema import DenseFeature, FeatureSchema, SparseFeature
+
+if TYPE_CHECKING:
+    from ranker_server.versions import LoadedVersion
 
 TINY_SCHEMA = FeatureSchema(
     sparse=(
@@ -73,3 +76,14 @@ def mutated_request(path: list[Any], value: Any, n: int = 3) -> dict[str, Any]:
     else:
         target[path[-1]] = value
     return req
+
+
+def loaded_tiny_version(store: Path, version: str = "v1") -> LoadedVersion:
+    """tiny_version written to `store` and loaded as a ranker holds it (dense in eval mode)."""
+    from modelpack.dense import load_dense
+    from ranker_server.versions import LoadedVersion
+
+    m = tiny_version(store, version)
+    vdir = store / "tiny" / version
+    dense = load_dense(vdir / m.dense.path, m.dense.architecture, m.dense.config).eval()
+    return LoadedVersion(manifest=m, path=vdir, dense=dense, prepared=True)

@@ -19,26 +19,20 @@ import numpy as np
 import pytest
 import torch
 
-from modelpack.dense import load_dense
 from modelpack.requests import decode_request
 from modelpack.scorer import OfflineScorer, TableReader
 from modelpack.torch_ops import dequantize_rows_torch, plan_bags, pool_bags
 from ranker_server.device import Device
 from ranker_server.pipeline import forward, merge_requests, plan_lookups, stage_inputs, stage_rows
 from ranker_server.versions import LoadedVersion
-from tests.helpers_store import TINY_SCHEMA, tiny_request, tiny_version
+from tests.helpers_store import TINY_SCHEMA, loaded_tiny_version, tiny_request, tiny_version
 
 T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> LoadedVersion:
-    store = tmp_path_factory.mktemp("store")
-    m = tiny_version(store, "v1")
-    vdir = store / "tiny" / "v1"
-    return LoadedVersion(manifest=m, path=vdir, prepared=True,
-                         dense=load_dense(vdir / m.dense.path, m.dense.architecture,
-                                          m.dense.config).eval())
+    return loaded_tiny_version(tmp_path_factory.mktemp("store"))
 
 
 class CountingDevice(Device):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from embedding_server.client import EmbeddingLookupError, VersionMismatchError
-from modelpack.dense import load_dense
 from modelpack.lookup import Packed, TableQuery
 from modelpack.manifest import Manifest
 from modelpack.requests import decode_request
@@ -25,18 +24,14 @@ from ranker_server.pipeline import Pipeline
 from ranker_server.remote_tables import RemoteTables
 from ranker_server.sources import PrepareError
 from ranker_server.versions import LoadedVersion
-from tests.helpers_store import TINY_SCHEMA, tiny_request, tiny_version
+from tests.helpers_store import TINY_SCHEMA, loaded_tiny_version, tiny_request
 
 T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> LoadedVersion:
-    store = tmp_path_factory.mktemp("store")
-    m = tiny_version(store, "v1")
-    vdir = store / "tiny" / "v1"
-    dense = load_dense(vdir / m.dense.path, m.dense.architecture, m.dense.config)
-    return LoadedVersion(manifest=m, path=vdir, dense=dense, prepared=True)
+    return loaded_tiny_version(tmp_path_factory.mktemp("store"))
 
 
 class SlowTables:
