@@ -41,6 +41,7 @@ def response_head(model: str, version: str, fingerprint: str, shard: int, num_sh
             + _int_field(0x28, num_shards))
 
 
+@lru_cache(maxsize=4096)  # the same table and batch size recur: a hit costs a hash, not 5 varints
 def result_head(table: bytes, dim: int, count: int, data_len: int) -> bytes:
     """Field 6 (one TableResult) up to the start of its `data` bytes, which follow it."""
     body = (_len_field(0x0A, table) + _int_field(0x10, dim) + _int_field(0x18, count)
