@@ -54,7 +54,8 @@ _IDLE = ("PyThread_acquire_lock_timed", "_queue_SimpleQueue_get", "epoll_wait")
 _GIL_WAIT = ("pthread_cond_timedwait", "pthread_cond_wait", "take_gil")
 # Where an active sample's time goes: the innermost frame that matches a category wins.
 _CATEGORIES = (
-    ("kernel: torch index_select / FBGEMM", ("index_select", "fbgemm", "int_nbit_split", "torch/_ops")),
+    ("kernel: the gather (np.take, torch index_select) / FBGEMM",
+     ("PyArray_TakeFrom", "index_select", "fbgemm", "int_nbit_split", "torch/_ops")),
     ("socket syscalls (sendmsg/recvmsg/write/eventfd)",
      ("sendmsg", "recvmsg", "write (libc", "eventfd", "read (libc", "syscall (libc")),
     ("protobuf (upb) parse/build/serialize", ("PyUpb", "upb_", "_message.abi3")),
