@@ -1,21 +1,24 @@
 """The one exception type the request path raises: a gRPC status code, its message, a reason.
 
 The reason is the machine-readable half (protos/embedding.proto lists them): unary Lookup
-sends it as trailing metadata REASON_KEY, LookupStream in LookupFailure.reason.
+sends it as trailing metadata (modelpack.lookup.REASON_METADATA), LookupStream in
+LookupFailure.reason.
 """
 
 from __future__ import annotations
 
 import grpc
 
+# The reasons both tiers read are the lookup contract's (modelpack.lookup); the rest only
+# the server raises.
+from modelpack.lookup import DRAINING as DRAINING
+from modelpack.lookup import FINGERPRINT_MISMATCH as FINGERPRINT_MISMATCH
+from modelpack.lookup import VERSION_NOT_LOADED as VERSION_NOT_LOADED
+
 # The message travels as the grpc-message trailer, and gRPC bounds metadata (8 KiB by
 # default): a message echoing a 10k-character name broke the call instead of explaining it.
 MAX_MESSAGE = 900
-REASON_KEY = "x-embedding-reason"
 
-VERSION_NOT_LOADED = "version_not_loaded"
-FINGERPRINT_MISMATCH = "fingerprint_mismatch"
-DRAINING = "draining"
 INVALID_ARGUMENT = "invalid_argument"
 OVER_LIMIT = "over_limit"
 OVERLOADED = "overloaded"

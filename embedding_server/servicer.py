@@ -23,13 +23,13 @@ import grpc
 
 from embedding_server.auth import PEER_HEADER, AdminAuth, LookupToken, metadata_value
 from embedding_server.config import ServerConfig
-from embedding_server.errors import DRAINING, REASON_KEY, VERSION_NOT_LOADED, ServiceError, internal_error
+from embedding_server.errors import DRAINING, VERSION_NOT_LOADED, ServiceError, internal_error
 from embedding_server.lookup import OUTPUT_NAMES, execute, measure, resolve
 from embedding_server.metrics import Metrics
 from embedding_server.peers import Peers, merge_version_lists
 from embedding_server.streams import StreamSet, serve_stream
 from embedding_server.versions import Entry, VersionRegistry
-from modelpack.lookup import DRAINING_METADATA
+from modelpack.lookup import DRAINING_METADATA, REASON_METADATA
 from modelpack.schema import SchemaError, check_name
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
@@ -72,7 +72,7 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, err: ServiceError) -> NoReturn:
         self.count_error(err)
-        trailers = [(REASON_KEY, err.reason)]
+        trailers = [(REASON_METADATA, err.reason)]
         if err.reason == DRAINING:
             trailers.append(DRAINING_METADATA)
         context.set_trailing_metadata(tuple(trailers))

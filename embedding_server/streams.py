@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from embedding_server.errors import DRAINING, REASON_KEY, ServiceError, internal_error
-from modelpack.lookup import DRAINING_METADATA
+from embedding_server.errors import DRAINING, ServiceError, internal_error
+from modelpack.lookup import DRAINING_METADATA, REASON_METADATA
 from protos import embedding_pb2 as pb
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def _answers(servicer: EmbeddingServicer, requests: Iterator[pb.LookupRequest],
                 servicer.count_error(e)
                 answer = failure(request, e)
                 if e.reason == DRAINING:  # the client re-opens on another replica
-                    context.set_trailing_metadata((DRAINING_METADATA, (REASON_KEY, DRAINING)))
+                    context.set_trailing_metadata((DRAINING_METADATA, (REASON_METADATA, DRAINING)))
                     yield answer
                     return
             except Exception as e:  # a bug: this lookup fails, the stream and the server go on

@@ -188,7 +188,7 @@ def target(name: str, value: float | None, goal: float, higher_is_better: bool) 
             "text": f"{'met' if met else 'MISSED'} by {abs(margin) * 100:.0f}%"}
 
 
-_FLOOR_SERVER = """
+FLOOR_SERVER = """
 import sys, threading, grpc
 from concurrent.futures import ThreadPoolExecutor
 sizes = {}
@@ -219,7 +219,7 @@ def measure_floor(log_dir: Path, sizes: Sequence[tuple[int, int]], seconds: floa
     protobuf, no lookup), unary and as one message each way on a long-lived bidi stream:
     server CPU and latency per call for each (request bytes, answer bytes) pair."""
     port_file = log_dir / "floor.port"
-    argv = taskset(cpus, [sys.executable, "-c", _FLOOR_SERVER, str(port_file)])
+    argv = taskset(cpus, [sys.executable, "-c", FLOOR_SERVER, str(port_file)])
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out: dict[str, Any] = {}
     try:

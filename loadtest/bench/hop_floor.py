@@ -27,7 +27,7 @@ import grpc.aio
 import numpy as np
 
 from embedding_server.client import split_query
-from loadtest.bench.grpc_driver import _FLOOR_SERVER
+from loadtest.bench.grpc_driver import FLOOR_SERVER
 from loadtest.harness.load import percentiles
 from loadtest.harness.procfs import cpu_seconds, self_cpu_seconds
 from modelpack.lookup import TableQuery, unique_rows
@@ -58,7 +58,7 @@ class Floor:
 def start_floor(n: int, log_dir: Path) -> Floor:
     """`n` floor servers on free loopback ports (sync grpc.server, like the shards)."""
     files = [log_dir / f"floor{k}.port" for k in range(n)]
-    procs = [subprocess.Popen([sys.executable, "-c", _FLOOR_SERVER, str(f)],
+    procs = [subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(f)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for f in files]
     floor = Floor(procs, [])
     deadline = time.monotonic() + 60
