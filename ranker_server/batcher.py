@@ -6,7 +6,8 @@ would only add latency then, and under load batches fill while others run. Up to
 `max_batches_in_flight` batches run at once, so batch k+1's lookups fly while batch k
 is on the device. The queue of waiting requests is bounded
 (`max_queue`): past it a request is shed with 429 at once instead of waiting without
-bound. A request whose deadline passes while queued fails with 504 and is not scored.
+bound; so is one read while the event loop runs more than `shed_loop_lag_ms` late
+(loop_lag.py). A request whose deadline passes while queued fails with 504 and is not scored.
 
 From `submit` on, the batcher owns the request's version lease: `_retire` is the one
 place a submitted request leaves the batcher, answered or abandoned, and the one place
@@ -28,6 +29,7 @@ import numpy.typing as npt
 from modelpack.requests import DecodedRequest
 from ranker_server.config import RankerConfig
 from ranker_server.errors import RankError
+from ranker_server.loop_lag import LoopLag
 from ranker_server.metrics import Metrics
 from ranker_server.pipeline import Pipeline
 from ranker_server.versions import Lease
@@ -54,6 +56,8 @@ class Batcher:
         self.wait_s = config.max_batch_wait_ms / 1000.0
         self.eager = config.eager_dispatch
         self.max_queue = config.max_queue
+        self.max_lag_s = config.shed_loop_lag_ms / 1000.0
+        self.lag = LoopLag() if self.max_lag_s > 0 else None
         self.retry_after_s = config.retry_after_s
         self.pipeline = pipeline
         self.metrics = metrics
@@ -65,17 +69,25 @@ class Batcher:
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="ranker-batcher")
+        if self.lag is not None:
+            self.lag.start()
 
     @property
     def queued(self) -> int:
         return len(self._pending)
 
     def check_capacity(self) -> None:
-        """Raise 429 if a new request could not be queued (cheap; call before decoding)."""
+        """Raise 429 if a new request could not be queued, or the loop runs too late (cheap;
+        call before reading the body)."""
         if len(self._pending) >= self.max_queue:
             raise RankError(429, "overloaded",
                             f"ranker overloaded: {len(self._pending)} requests already queued "
                             f"(max_queue {self.max_queue}); retry later",
+                            retry_after_s=self.retry_after_s)
+        if self.lag is not None and self.lag.lag_s > self.max_lag_s:
+            raise RankError(429, "overloaded",
+                            f"ranker overloaded: its event loop runs {self.lag.lag_s * 1000:.0f} "
+                            f"ms late (shed_loop_lag_ms {self.max_lag_s * 1000:g}); retry later",
                             retry_after_s=self.retry_after_s)
 
     def submit(self, lease: Lease, request: DecodedRequest, deadline: float) -> RankItem:
@@ -105,6 +117,8 @@ class Batcher:
         deadline = time.monotonic() + timeout_s
         while (self._pending or self._running) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        if self.lag is not None:
+            self.lag.stop()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

