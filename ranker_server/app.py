@@ -52,11 +52,12 @@ class RankerState:
         self.draining = True
 
 
-def _source(config: RankerConfig) -> TableSource:
+def _source(config: RankerConfig, metrics: Metrics) -> TableSource:
     if config.local_tables:
         return LocalTables(config.store)
     return RemoteTables(config.embedding_shards, config.prepare_timeout_s,
-                        lookup_token=config.embedding_token())
+                        lookup_token=config.embedding_token(),
+                        transport=config.embedding_transport, metrics=metrics)
 
 
 def _render(request: Request, exc: Exception) -> Response:
@@ -100,7 +101,7 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
         batcher: Batcher | None = None
         state: RankerState | None = None
         try:
-            source = _source(config)
+            source = _source(config, metrics)
             registry = VersionRegistry(config.model, metrics)
             lifecycle = Lifecycle(config, registry, source, device)
             pipeline = Pipeline(device, source, metrics, serial_lookups=config.debug_serial_lookups)

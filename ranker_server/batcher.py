@@ -107,9 +107,8 @@ class Batcher:
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
-        if isinstance(result, RankError) and result.reason == "version_mismatch":
-            # Counted per request even if its caller already gave up: the gate must see it.
-            self.metrics.version_mismatch.inc()
+        if isinstance(result, RankError):  # the version failures' own counters
+            self.metrics.count_failed_request(result.reason)
         item.lease.release()
 
     async def drain(self, timeout_s: float) -> None:

@@ -57,6 +57,9 @@ class RankerConfig:
     embedding_shards: tuple[tuple[str, ...], ...] = ()
     """Embedding shards in shard order, each a tuple of replica targets. On the command line:
     comma-separated shards, each a dns:///host:port target or host:port replicas joined with |."""
+    embedding_transport: Literal["stream", "unary"] = "stream"
+    """How lookups reach the shards: "stream" (one long-lived LookupStream per replica) or
+    "unary" (one Lookup call per shard per batch, for comparison and older shards)."""
     local_tables: bool = False
     """Read tables in-process from the store instead of calling embedding shards."""
     device: DeviceKind = "auto"
@@ -135,6 +138,9 @@ class RankerConfig:
             raise ConfigError(
                 "embedding_shards: give either --embedding-shards or --local-tables, "
                 f"got shards={list(self.embedding_shards)!r} local_tables={self.local_tables}")
+        if self.embedding_transport not in ("stream", "unary"):
+            raise ConfigError(f"embedding_transport: must be stream or unary, got "
+                              f"{self.embedding_transport!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device: must be auto, cuda or cpu, got {self.device!r}")
         require_port(ConfigError, "port", self.port)

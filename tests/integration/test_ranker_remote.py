@@ -81,6 +81,8 @@ def test_not_loaded_and_another_build_are_told_apart(root: Path,
                                                      fleet: dict[str, ServerProcess]) -> None:
     ranker, s1 = fleet["ranker"], fleet["s1"]
     assert [r.status_code for r in _rank_all(ranker)] == [200] * N
+    requested = metric_sum(ranker, "ranker_lookup_rows_requested_total")
+    assert 0 < metric_sum(ranker, "ranker_lookup_rows_unique_total") <= requested
 
     # s1 no longer holds v1: an ordinary state (a rollout's retire step, a restart), not the alarm.
     _admin(s1, "UnloadVersion")
@@ -92,6 +94,7 @@ def test_not_loaded_and_another_build_are_told_apart(root: Path,
         assert a.headers["retry-after"] == "1"
     assert metric_sum(ranker, 'ranker_errors_total{reason="version_not_loaded"}') == N
     assert metric_sum(ranker, "ranker_version_mismatch_total") == 0
+    assert metric_sum(ranker, "ranker_version_not_loaded_total") == N
 
     # s1 loads another build under the same name: the real mismatch.
     (root / "copy" / "tiny" / "v1").rename(root / "copy-original-v1")
@@ -103,4 +106,5 @@ def test_not_loaded_and_another_build_are_told_apart(root: Path,
         assert a.json()["reason"] == "version_mismatch", a.text
         assert "scores" not in a.json()
     assert metric_sum(ranker, "ranker_version_mismatch_total") == N
+    assert metric_sum(ranker, "ranker_version_not_loaded_total") == N  # unchanged
     assert metric_sum(ranker, 'ranker_errors_total{reason="version_not_loaded"}') == N
