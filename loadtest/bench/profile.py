@@ -125,10 +125,12 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
 _RANKER_IDLE_LEAVES = ("_worker (concurrent/futures/thread.py", "Thread.run (threading.py",
                        "EpollSelector.select (selectors.py", "Condition.wait (threading.py",
                        "Event.wait (threading.py")
+_UVLOOP_LEAVES = ("Runner.run (asyncio/runners.py", "run (uvloop/")
 # Where a ranker sample's time goes: the first category (in this order) any frame matches.
 _RANKER_CATEGORIES = (
     ("dequantize + pool + dense forward (compute thread)", ("forward (ranker_server/pipeline.py",)),
-    ("stage dense inputs (stage thread)", ("stage_inputs (ranker_server/pipeline.py",)),
+    ("stage inputs and rows (stage thread)", ("stage_inputs (ranker_server/pipeline.py",
+                                              "stage_rows (ranker_server/pipeline.py")),
     ("protobuf decode + validate (codec)", ("(ranker_server/codec.py",)),
     ("hash IDs / plan rows / merge", ("plan_lookups (", "merge_requests (")),
     ("gRPC lookup client", ("(embedding_server/client.py", "(grpc/", "(ranker_server/remote_tables.py")),
@@ -145,6 +147,8 @@ def ranker_category(frames: Sequence[str]) -> str:
     """The pipeline stage of one ranker stack (outermost frame first)."""
     if frames[-1].startswith(_RANKER_IDLE_LEAVES):
         return "idle (waiting for work)"
+    if frames[-1].startswith(_UVLOOP_LEAVES):  # uvloop's own C: sockets and epoll, any stack
+        return "event loop (uvloop C: socket I/O, epoll)"
     for name, needles in _RANKER_CATEGORIES:
         if any(n in fr for fr in frames for n in needles):
             return name
