@@ -132,7 +132,8 @@ def test_a_worker_that_misses_a_change_is_restarted_in_step(group: ServerProcess
         with contextlib.suppress(ProcessLookupError):
             os.kill(before[1]["pid"], signal.SIGCONT)
     assert r.status_code == 200, r.text
-    assert httpx.get(f"http://127.0.0.1:{group.admin_port}/readyz").status_code == 503
+    _wait(lambda: httpx.get(f"http://127.0.0.1:{group.admin_port}/readyz").status_code == 503,
+          5, "readiness to drop while worker 1 restarts")
     _wait(lambda: _admin_ready(group), 60, "the group to be ready again")
     after = _workers(group)
     assert after[0]["pid"] == before[0]["pid"] and after[1]["pid"] != before[1]["pid"]
