@@ -206,5 +206,21 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
-    return Response(request.state.ranker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition. A --workers worker answers on the data port with the whole
+    group's (its supervisor's merge): a scrape that lands on any one worker must not read as
+    that worker's counters, which would seem to reset from scrape to scrape."""
+    st: RankerState = request.state.ranker
+    group = st.config.group_admin_port
+    server = request.scope.get("server")
+    if group is not None and server is not None and server[1] != request.app.admin_port:
+        import httpx
+
+        try:
+            host = st.config.host if st.config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                r = await client.get(f"http://{host}:{group}/metrics")
+            return Response(r.content, status_code=r.status_code, media_type=CONTENT_TYPE_LATEST)
+        except httpx.HTTPError as e:
+            return Response(f"group metrics unavailable: {e}\n", status_code=503,
+                            media_type="text/plain")
+    return Response(st.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -125,6 +125,9 @@ class RankerConfig:
     group_worker: bool = False
     """Set by a --workers supervisor on the processes it starts, never by hand: join --port
     with SO_REUSEPORT and serve admin on a private loopback port."""
+    group_admin_port: int | None = None
+    """Set by a --workers supervisor on its workers: /metrics on the data port answers the
+    whole group's metrics, read from the supervisor on this loopback port."""
 
     def validate(self) -> RankerConfig:
         """Raise ConfigError naming the first bad field and value; return self."""
@@ -145,6 +148,7 @@ class RankerConfig:
             raise ConfigError(f"device: must be auto, cuda or cpu, got {self.device!r}")
         require_port(ConfigError, "port", self.port)
         require_port(ConfigError, "admin_port", self.admin_port)
+        require_port(ConfigError, "group_admin_port", self.group_admin_port)
         if self.admin_port and self.admin_port == self.port:
             raise ConfigError(f"admin_port: {self.admin_port} is --port; give another one")
         require_path(ConfigError, "admin_token_file", self.admin_token_file, "file")

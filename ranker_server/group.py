@@ -128,7 +128,8 @@ class Group:
         self._write_state(DesiredModel(plan.versions[0], plan.versions, plan.split))
         for k in range(self.config.workers):
             argv = [sys.executable, "-m", "ranker_server", *self.argv, "--workers", "1",
-                    "--group-worker", "--port", str(self.data_port), "--admin-port", "0",
+                    "--group-worker", "--group-admin-port", str(self.config.admin_port),
+                    "--port", str(self.data_port), "--admin-port", "0",
                     "--port-file", str(self.workdir / f"worker{k}.port"),
                     "--desired-state", str(self.state_file)]
             w = Worker(k, argv, self.workdir / f"worker{k}.port", self.workdir / f"worker{k}.log")

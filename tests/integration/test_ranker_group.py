@@ -103,6 +103,9 @@ def test_every_worker_serves_and_takes_every_admin_change(group: ServerProcess) 
     assert _rank_versions(group, 40) == {"v1"}
     per = _per_worker_requests(group)
     assert set(per) == {"0", "1"} and sum(per.values()) >= 40, per  # both took connections
+    # A scrape of the data port (any worker) reads the whole group's metrics.
+    data_metrics = httpx.get(f"http://127.0.0.1:{group.port}/metrics", timeout=5).text
+    assert 'worker="0"' in data_metrics and 'worker="1"' in data_metrics
     for method, path, body in (("POST", "/versions", {"version": "v2"}),
                                ("POST", "/versions/v2/prepare", None),
                                ("PUT", "/split", {"split": {"v1": 0.5, "v2": 0.5}})):
