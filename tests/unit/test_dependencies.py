@@ -58,7 +58,7 @@ def test_the_services_import_only_what_a_plain_install_provides() -> None:
     runtime = _runtime_closure()
     provided = {module for module, dists in md.packages_distributions().items()
                 if any(_name(d) in runtime for d in dists)}
-    missing = {}
+    missing: dict[str, list[str]] = {}
     for package in SERVICES:
         for module in _imports(package) - set(sys.stdlib_module_names) - FIRST_PARTY:
             if module not in provided:
