@@ -3,7 +3,7 @@
 POST /v1/rank, the hot path, is a bare ASGI app (`serve_rank`) that the app calls ahead of
 FastAPI's middleware and routing, whose per-request cost was a third of the event loop's
 time under load: overload is shed from the headers alone, before the body is read. It raises
-RankError for every refusal, answered by `error_response` (which the app's one handler
+RankError for every refusal, rendered by `error_answer` (which the app's one handler
 uses too), and records its metrics once, in `_Recorded`, however the request ends.
 """
 
@@ -67,10 +67,22 @@ RANK_OPENAPI: dict[str, Any] = {
 """The OpenAPI operation of POST /v1/rank (not a FastAPI route: see serve_rank)."""
 
 
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+"""An HTTP answer: status, body, headers (besides content-length)."""
+
+
+def error_answer(e: HttpError) -> Answer:
+    """A refusal as its status, JSON body and headers: the one rendering of every refusal."""
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers().items()]
+    return e.status, json.dumps(e.body()).encode(), [(b"content-type", b"application/json"),
+                                                     *headers]
+
+
 def error_response(e: HttpError) -> Response:
-    """A refusal as its JSON body, status and headers."""
-    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json",
-                    headers=e.headers())
+    """error_answer as a Response (the app's exception handler)."""
+    status, body, headers = error_answer(e)
+    return Response(body, status_code=status,
+                    headers={k.decode("latin-1"): v.decode("latin-1") for k, v in headers})
 
 
 class _Recorded:
@@ -147,10 +159,6 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         raise RankError(e.status, "body_too_large", e.message, field="body") from None
 
 
-Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
-"""An HTTP answer: status, body, headers (besides content-length)."""
-
-
 async def rank(st: RankerState, scope: Scope, receive: Receive) -> Answer:
     """Score one user's candidates with one version (JSON or protobuf body)."""
     cfg = st.config
@@ -180,9 +188,7 @@ async def rank(st: RankerState, scope: Scope, receive: Receive) -> Answer:
                                                 rec.scores)
             return 200, body, [(b"content-type", media.encode())]
     except RankError as e:
-        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers().items()]
-        return e.status, json.dumps(e.body()).encode(), [(b"content-type", b"application/json"),
-                                                         *extra]
+        return error_answer(e)
 
 
 @router.get("/healthz")
