@@ -9,10 +9,13 @@ a contract between the three services, like the manifest.
     {"format": "hybrid-serving/desired-state/v1",
      "models": {MODEL: {"active": V, "versions": [V, ...], "split": {V: share},
                         "fingerprints": {V: "sha256:..."}, "rollout": ID | null,
-                        "updated_at": unix seconds, "seq": n}}}
+                        "updated_at": unix seconds, "seq": n, "deltas": {V: s}}}}
 
 `versions` are the versions every shard replica and every ranker must hold (the active
 one first); `split` is the traffic split the rankers serve (shares summing to 1).
+`seq` numbers the document's revisions. `deltas` is each version's committed delta seq
+(modelpack/delta.py): every shard replica must read V at that seq before it reports
+ready, and the rankers read V at it; a version it does not name is at 0 (its own rows).
 """
 
 from __future__ import annotations
@@ -45,17 +48,29 @@ class DesiredModel:
     rollout: str | None = None
     updated_at: float = 0.0
     seq: int = 0
+    deltas: dict[str, int] = field(default_factory=dict)
+
+    def delta_seq(self, version: str) -> int:
+        """The committed delta seq of `version` (0: its own rows)."""
+        return self.deltas.get(version, 0)
 
     def to_json(self) -> dict[str, Any]:
         return {"active": self.active, "versions": list(self.versions), "split": self.split,
                 "fingerprints": self.fingerprints, "rollout": self.rollout,
-                "updated_at": self.updated_at, "seq": self.seq}
+                "updated_at": self.updated_at, "seq": self.seq,
+                "deltas": {v: s for v, s in self.deltas.items() if s}}
 
     def same_target(self, other: DesiredModel | None) -> bool:
         """Whether `other` asks the fleet for the same thing (ignoring seq and time)."""
-        return other is not None and (self.active, self.versions, self.split,
-                                      self.fingerprints) == (other.active, other.versions,
-                                                             other.split, other.fingerprints)
+        return other is not None and (self.active, self.versions, self.split, self.fingerprints,
+                                      self.to_json()["deltas"]) == (
+            other.active, other.versions, other.split, other.fingerprints, other.to_json()["deltas"])
+
+
+def _delta_seq(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"a delta seq must be an integer >= 0, got {v!r}")
+    return v
 
 
 def _model(name: str, d: object) -> DesiredModel:
@@ -67,8 +82,12 @@ def _model(name: str, d: object) -> DesiredModel:
         split = {check_name("version", k): float(s) for k, s in (d.get("split") or {}).items()}
         prints = {check_name("version", k): str(v)
                   for k, v in (d.get("fingerprints") or {}).items()}
+        deltas = {check_name("version", k): _delta_seq(v) for k, v in (d.get("deltas") or {}).items()}
     except (SchemaError, TypeError, ValueError, AttributeError) as e:
         raise DesiredStateError(f"model {name!r}: {e}") from None
+    if not set(deltas) <= set(versions):
+        raise DesiredStateError(f"model {name!r}: deltas {deltas} name versions not in "
+                                f"{list(versions)}")
     if active not in versions:
         raise DesiredStateError(f"model {name!r}: active {active!r} is not in versions "
                                 f"{list(versions)}")
@@ -79,7 +98,7 @@ def _model(name: str, d: object) -> DesiredModel:
     rollout = d.get("rollout")
     return DesiredModel(active, versions, split, prints,
                         None if rollout is None else str(rollout),
-                        float(d.get("updated_at") or 0.0), int(d.get("seq") or 0))
+                        float(d.get("updated_at") or 0.0), int(d.get("seq") or 0), deltas)
 
 
 def parse(raw: object) -> dict[str, DesiredModel]:

@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/embedding.proto\x12\x13hybrid.embedding.v1\"\x95\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x30\n\x06tables\x18\x04 \x03(\x0b\x32 .hybrid.embedding.v1.TableLookup\x12\n\n\x02id\x18\x05 \x01(\x04\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\"\x97\x01\n\x0bTableLookup\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x01(\x0c\x12-\n\x07pooling\x18\x04 \x01(\x0e\x32\x1c.hybrid.embedding.v1.Pooling\x12+\n\x06output\x18\x05 \x01(\x0e\x32\x1b.hybrid.embedding.v1.Output\"\xdc\x01\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12\x31\n\x07results\x18\x06 \x03(\x0b\x32 .hybrid.embedding.v1.TableResult\x12\n\n\x02id\x18\x07 \x01(\x04\x12\x33\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\".hybrid.embedding.v1.LookupFailure\">\n\rLookupFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"F\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"4\n\x12LoadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"O\n\x14UnloadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"\xc8\x01\n\x0bVersionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x30\n\x05state\x18\x04 \x01(\x0e\x32!.hybrid.embedding.v1.VersionState\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\r\n\x05shard\x18\x06 \x01(\x05\x12\x12\n\nnum_shards\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x03\"$\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa5\x01\n\x14ListVersionsResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .hybrid.embedding.v1.VersionInfo\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\"X\n\x07\x46itInfo\x12\x0c\n\x04\x66its\x18\x01 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t*>\n\x07Pooling\x12\x10\n\x0cPOOLING_NONE\x10\x00\x12\x0f\n\x0bPOOLING_SUM\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02*B\n\x06Output\x12\x16\n\x12OUTPUT_INT4_PACKED\x10\x00\x12\x0f\n\x0bOUTPUT_FP16\x10\x01\x12\x0f\n\x0bOUTPUT_FP32\x10\x02*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x03\x12\x18\n\x14VERSION_STATE_FAILED\x10\x04\x32\xb2\x04\n\x10\x45mbeddingService\x12Q\n\x06Lookup\x12\".hybrid.embedding.v1.LookupRequest\x1a#.hybrid.embedding.v1.LookupResponse\x12[\n\x0cLookupStream\x12\".hybrid.embedding.v1.LookupRequest\x1a#.hybrid.embedding.v1.LookupResponse(\x01\x30\x01\x12X\n\x0bLoadVersion\x12\'.hybrid.embedding.v1.LoadVersionRequest\x1a .hybrid.embedding.v1.VersionInfo\x12\\\n\rUnloadVersion\x12).hybrid.embedding.v1.UnloadVersionRequest\x1a .hybrid.embedding.v1.VersionInfo\x12\x63\n\x0cListVersions\x12(.hybrid.embedding.v1.ListVersionsRequest\x1a).hybrid.embedding.v1.ListVersionsResponse\x12Q\n\x08\x43heckFit\x12\'.hybrid.embedding.v1.LoadVersionRequest\x1a\x1c.hybrid.embedding.v1.FitInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/embedding.proto\x12\x13hybrid.embedding.v1\"\xa2\x01\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x30\n\x06tables\x18\x04 \x03(\x0b\x32 .hybrid.embedding.v1.TableLookup\x12\n\n\x02id\x18\x05 \x01(\x04\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\x0b\n\x03seq\x18\x07 \x01(\x04\"\x97\x01\n\x0bTableLookup\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x0c\x12\x0f\n\x07offsets\x18\x03 \x01(\x0c\x12-\n\x07pooling\x18\x04 \x01(\x0e\x32\x1c.hybrid.embedding.v1.Pooling\x12+\n\x06output\x18\x05 \x01(\x0e\x32\x1b.hybrid.embedding.v1.Output\"\xe9\x01\n\x0eLookupResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12\x31\n\x07results\x18\x06 \x03(\x0b\x32 .hybrid.embedding.v1.TableResult\x12\n\n\x02id\x18\x07 \x01(\x04\x12\x33\n\x07\x66\x61ilure\x18\x08 \x01(\x0b\x32\".hybrid.embedding.v1.LookupFailure\x12\x0b\n\x03seq\x18\t \x01(\x04\">\n\rLookupFailure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"F\n\x0bTableResult\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"4\n\x12LoadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"O\n\x14UnloadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"\x8b\x02\n\x0bVersionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x30\n\x05state\x18\x04 \x01(\x0e\x32!.hybrid.embedding.v1.VersionState\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\r\n\x05shard\x18\x06 \x01(\x05\x12\x12\n\nnum_shards\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x03\x12\x15\n\rreadable_seqs\x18\n \x03(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x0b \x01(\x04\x12\x15\n\roverlay_bytes\x18\x0c \x01(\x03\"V\n\x12\x41pplyDeltasRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"$\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa5\x01\n\x14ListVersionsResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .hybrid.embedding.v1.VersionInfo\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\"X\n\x07\x46itInfo\x12\x0c\n\x04\x66its\x18\x01 \x01(\x08\x12\x16\n\x0erequired_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t*>\n\x07Pooling\x12\x10\n\x0cPOOLING_NONE\x10\x00\x12\x0f\n\x0bPOOLING_SUM\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02*B\n\x06Output\x12\x16\n\x12OUTPUT_INT4_PACKED\x10\x00\x12\x0f\n\x0bOUTPUT_FP16\x10\x01\x12\x0f\n\x0bOUTPUT_FP32\x10\x02*\x98\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x03\x12\x18\n\x14VERSION_STATE_FAILED\x10\x04\x32\x8c\x05\n\x10\x45mbeddingService\x12Q\n\x06Lookup\x12\".hybrid.embedding.v1.LookupRequest\x1a#.hybrid.embedding.v1.LookupResponse\x12[\n\x0cLookupStream\x12\".hybrid.embedding.v1.LookupRequest\x1a#.hybrid.embedding.v1.LookupResponse(\x01\x30\x01\x12X\n\x0bLoadVersion\x12\'.hybrid.embedding.v1.LoadVersionRequest\x1a .hybrid.embedding.v1.VersionInfo\x12\\\n\rUnloadVersion\x12).hybrid.embedding.v1.UnloadVersionRequest\x1a .hybrid.embedding.v1.VersionInfo\x12\x63\n\x0cListVersions\x12(.hybrid.embedding.v1.ListVersionsRequest\x1a).hybrid.embedding.v1.ListVersionsResponse\x12Q\n\x08\x43heckFit\x12\'.hybrid.embedding.v1.LoadVersionRequest\x1a\x1c.hybrid.embedding.v1.FitInfo\x12X\n\x0b\x41pplyDeltas\x12\'.hybrid.embedding.v1.ApplyDeltasRequest\x1a .hybrid.embedding.v1.VersionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLING']._serialized_start=1346
-  _globals['_POOLING']._serialized_end=1408
-  _globals['_OUTPUT']._serialized_start=1410
-  _globals['_OUTPUT']._serialized_end=1476
-  _globals['_VERSIONSTATE']._serialized_start=1479
-  _globals['_VERSIONSTATE']._serialized_end=1631
+  _globals['_POOLING']._serialized_start=1527
+  _globals['_POOLING']._serialized_end=1589
+  _globals['_OUTPUT']._serialized_start=1591
+  _globals['_OUTPUT']._serialized_end=1657
+  _globals['_VERSIONSTATE']._serialized_start=1660
+  _globals['_VERSIONSTATE']._serialized_end=1812
   _globals['_LOOKUPREQUEST']._serialized_start=48
-  _globals['_LOOKUPREQUEST']._serialized_end=197
-  _globals['_TABLELOOKUP']._serialized_start=200
-  _globals['_TABLELOOKUP']._serialized_end=351
-  _globals['_LOOKUPRESPONSE']._serialized_start=354
-  _globals['_LOOKUPRESPONSE']._serialized_end=574
-  _globals['_LOOKUPFAILURE']._serialized_start=576
-  _globals['_LOOKUPFAILURE']._serialized_end=638
-  _globals['_TABLERESULT']._serialized_start=640
-  _globals['_TABLERESULT']._serialized_end=710
-  _globals['_LOADVERSIONREQUEST']._serialized_start=712
-  _globals['_LOADVERSIONREQUEST']._serialized_end=764
-  _globals['_UNLOADVERSIONREQUEST']._serialized_start=766
-  _globals['_UNLOADVERSIONREQUEST']._serialized_end=845
-  _globals['_VERSIONINFO']._serialized_start=848
-  _globals['_VERSIONINFO']._serialized_end=1048
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1050
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1086
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1089
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1254
-  _globals['_FITINFO']._serialized_start=1256
-  _globals['_FITINFO']._serialized_end=1344
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1634
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2196
+  _globals['_LOOKUPREQUEST']._serialized_end=210
+  _globals['_TABLELOOKUP']._serialized_start=213
+  _globals['_TABLELOOKUP']._serialized_end=364
+  _globals['_LOOKUPRESPONSE']._serialized_start=367
+  _globals['_LOOKUPRESPONSE']._serialized_end=600
+  _globals['_LOOKUPFAILURE']._serialized_start=602
+  _globals['_LOOKUPFAILURE']._serialized_end=664
+  _globals['_TABLERESULT']._serialized_start=666
+  _globals['_TABLERESULT']._serialized_end=736
+  _globals['_LOADVERSIONREQUEST']._serialized_start=738
+  _globals['_LOADVERSIONREQUEST']._serialized_end=790
+  _globals['_UNLOADVERSIONREQUEST']._serialized_start=792
+  _globals['_UNLOADVERSIONREQUEST']._serialized_end=871
+  _globals['_VERSIONINFO']._serialized_start=874
+  _globals['_VERSIONINFO']._serialized_end=1141
+  _globals['_APPLYDELTASREQUEST']._serialized_start=1143
+  _globals['_APPLYDELTASREQUEST']._serialized_end=1229
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1231
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1267
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1270
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1435
+  _globals['_FITINFO']._serialized_start=1437
+  _globals['_FITINFO']._serialized_end=1525
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1815
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2467
 # @@protoc_insertion_point(module_scope)

@@ -39,20 +39,22 @@ VERSION_STATE_UNLOADING: VersionState
 VERSION_STATE_FAILED: VersionState
 
 class LookupRequest(_message.Message):
-    __slots__ = ("model", "version", "fingerprint", "tables", "id", "timeout_s")
+    __slots__ = ("model", "version", "fingerprint", "tables", "id", "timeout_s", "seq")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     fingerprint: str
     tables: _containers.RepeatedCompositeFieldContainer[TableLookup]
     id: int
     timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ..., id: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    seq: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableLookup, _Mapping]]] = ..., id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class TableLookup(_message.Message):
     __slots__ = ("table", "rows", "offsets", "pooling", "output")
@@ -69,7 +71,7 @@ class TableLookup(_message.Message):
     def __init__(self, table: _Optional[str] = ..., rows: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., output: _Optional[_Union[Output, str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("model", "version", "fingerprint", "shard", "num_shards", "results", "id", "failure")
+    __slots__ = ("model", "version", "fingerprint", "shard", "num_shards", "results", "id", "failure", "seq")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class LookupResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     fingerprint: str
@@ -86,7 +89,8 @@ class LookupResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[TableResult]
     id: int
     failure: LookupFailure
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TableResult, _Mapping]]] = ..., id: _Optional[int] = ..., failure: _Optional[_Union[LookupFailure, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TableResult, _Mapping]]] = ..., id: _Optional[int] = ..., failure: _Optional[_Union[LookupFailure, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class LookupFailure(_message.Message):
     __slots__ = ("code", "reason", "message")
@@ -129,7 +133,7 @@ class UnloadVersionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("model", "version", "fingerprint", "state", "bytes", "shard", "num_shards", "error", "in_flight")
+    __slots__ = ("model", "version", "fingerprint", "state", "bytes", "shard", "num_shards", "error", "in_flight", "readable_seqs", "applied_seq", "overlay_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +143,9 @@ class VersionInfo(_message.Message):
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    READABLE_SEQS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     fingerprint: str
@@ -148,7 +155,22 @@ class VersionInfo(_message.Message):
     num_shards: int
     error: str
     in_flight: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., bytes: _Optional[int] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    readable_seqs: _containers.RepeatedScalarFieldContainer[int]
+    applied_seq: int
+    overlay_bytes: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., bytes: _Optional[int] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., readable_seqs: _Optional[_Iterable[int]] = ..., applied_seq: _Optional[int] = ..., overlay_bytes: _Optional[int] = ...) -> None: ...
+
+class ApplyDeltasRequest(_message.Message):
+    __slots__ = ("model", "version", "seq", "fingerprint")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    seq: int
+    fingerprint: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., seq: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("model",)

@@ -64,6 +64,11 @@ class EmbeddingServiceStub:
                 request_serializer=protos_dot_embedding__pb2.LoadVersionRequest.SerializeToString,
                 response_deserializer=protos_dot_embedding__pb2.FitInfo.FromString,
                 _registered_method=True)
+        self.ApplyDeltas = channel.unary_unary(
+                '/hybrid.embedding.v1.EmbeddingService/ApplyDeltas',
+                request_serializer=protos_dot_embedding__pb2.ApplyDeltasRequest.SerializeToString,
+                response_deserializer=protos_dot_embedding__pb2.VersionInfo.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -114,6 +119,17 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyDeltas(self, request, context):
+        """Admin: verifies and applies a READY version's deltas so that `seq` is readable
+        (deltas applied in order up to it; a seq below the readable ones is rebuilt from
+        V's rows and deltas 1..seq). Idempotent. Returns once it is readable, or fails with
+        FAILED_PRECONDITION reason delta_refused (or version_not_loaded), or
+        RESOURCE_EXHAUSTED when the overlay would exceed the memory budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +162,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.CheckFit,
                     request_deserializer=protos_dot_embedding__pb2.LoadVersionRequest.FromString,
                     response_serializer=protos_dot_embedding__pb2.FitInfo.SerializeToString,
+            ),
+            'ApplyDeltas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyDeltas,
+                    request_deserializer=protos_dot_embedding__pb2.ApplyDeltasRequest.FromString,
+                    response_serializer=protos_dot_embedding__pb2.VersionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +331,33 @@ class EmbeddingService:
             '/hybrid.embedding.v1.EmbeddingService/CheckFit',
             protos_dot_embedding__pb2.LoadVersionRequest.SerializeToString,
             protos_dot_embedding__pb2.FitInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyDeltas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hybrid.embedding.v1.EmbeddingService/ApplyDeltas',
+            protos_dot_embedding__pb2.ApplyDeltasRequest.SerializeToString,
+            protos_dot_embedding__pb2.VersionInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/ranker.proto\x12\x10hybrid.ranker.v1\"E\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"\xb4\x01\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x05\x12\'\n\x04user\x18\x04 \x03(\x0b\x32\x19.hybrid.ranker.v1.Feature\x12-\n\ncandidates\x18\x05 \x03(\x0b\x32\x19.hybrid.ranker.v1.Feature\x12\x16\n\x0enum_candidates\x18\x06 \x01(\x05\"R\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06scores\x18\x04 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/ranker.proto\x12\x10hybrid.ranker.v1\"E\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"\xb4\x01\n\x0bRankRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x05\x12\'\n\x04user\x18\x04 \x03(\x0b\x32\x19.hybrid.ranker.v1.Feature\x12-\n\ncandidates\x18\x05 \x03(\x0b\x32\x19.hybrid.ranker.v1.Feature\x12\x16\n\x0enum_candidates\x18\x06 \x01(\x05\"_\n\x0cRankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06scores\x18\x04 \x01(\x0c\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKREQUEST']._serialized_start=113
   _globals['_RANKREQUEST']._serialized_end=293
   _globals['_RANKRESPONSE']._serialized_start=295
-  _globals['_RANKRESPONSE']._serialized_end=377
+  _globals['_RANKRESPONSE']._serialized_end=390
 # @@protoc_insertion_point(module_scope)

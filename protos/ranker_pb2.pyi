@@ -35,13 +35,15 @@ class RankRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., user: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., num_candidates: _Optional[int] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "scores")
+    __slots__ = ("request_id", "model", "version", "scores", "seq")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
     scores: bytes
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[bytes] = ...) -> None: ...
+    seq: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...

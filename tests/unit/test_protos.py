@@ -73,6 +73,7 @@ def test_embedding_service_methods() -> None:
         "UnloadVersion": ("UnloadVersionRequest", "VersionInfo"),
         "ListVersions": ("ListVersionsRequest", "ListVersionsResponse"),
         "CheckFit": ("LoadVersionRequest", "FitInfo"),
+        "ApplyDeltas": ("ApplyDeltasRequest", "VersionInfo"),
     }
     streaming = {m.name for m in service.methods if m.client_streaming and m.server_streaming}
     assert streaming == {"LookupStream"}
