@@ -11,6 +11,44 @@ Every route is authorized once, by the router's dependency, before anything read
 request's body: handlers take no body parameters (FastAPI would read those before
 running dependencies) and read the body themselves, after the token was checked, with
 modelpack.httpbody (capped, strictly parsed).
+
+Delta seqs (issue 12), the contract the deploy controller calls:
+
+    PUT /admin/v1/versions/{version}/seq   body {"seq": S} or {"seq": S, "fingerprint": F}
+
+S: an integer >= 0 (0 = the version's own rows, deltas 1..S applied otherwise); F, if
+given (a non-empty string), must be delta S's manifest fingerprint in the ranker's store
+(empty or absent: not checked; meaningless for S = 0). Before switching, the ranker
+checks that deltas 1..S of that version exist in its --store and form a verified chain at
+the manifest level (each manifest belongs to this build of the version, at its seq,
+linked to the one before); lowering S (a revert) is allowed. Batches formed after the
+200 read at S; batches already formed finish at the seq they pinned. Idempotent.
+200: the version's entry, as listed by GET /admin/v1/versions, plus "previous_seq".
+Errors: 401/403 (token, checked before the body is read), 400/413/415 (body), 404 (the
+version is not loaded on this ranker), 409 (the version is being unloaded; or F is not
+the fingerprint of the store's delta S), 422 (`seq` missing or not an integer >= 0,
+`fingerprint` not a string; or delta k <= S missing or failing its manifest checks: the
+message names the delta, e.g. "ads_ctr/v1 delta 3: ...").
+
+GET /admin/v1/versions lists, per version, "seq" (what new batches read at),
+"delta_fingerprint" ("" at seq 0) and "delta_written_at" (unix seconds; 0 at seq 0).
+A --workers supervisor passes the PUT to every worker and keeps each version's seq in
+its group state (`deltas`), so a restarted worker comes back at it. A restarted ranker
+starts each version at the desired state's committed seq (`deltas: {V: S}`); a version
+loaded by POST /admin/v1/versions starts at 0.
+
+/v1/rank answers carry the seq they were read at: JSON `seq` beside `version`,
+RankResponse.seq in protobuf. A shard replica that cannot read the seq
+(FAILED_PRECONDITION `seq_not_applied`) is failed over to a sibling; when no replica of
+a shard can, the request fails 503 reason `seq_not_applied` (never served from other
+rows). Metrics: ranker_delta_seq{model,version} (the seq new batches read at),
+ranker_delta_age_seconds{model,version} (now - the served delta's written_at; absent at
+seq 0), ranker_delta_freshness_seconds{model} (histogram: written_at -> this ranker
+serving it, observed when the seq advances), ranker_seq_not_applied_total{shard}
+(replica refusals, whether failed over or not); requests failing it count in
+ranker_errors_total{reason="seq_not_applied"}. An answer echoing another seq than the
+lookup named is the version-mismatch alarm: 503 version_mismatch, counted in
+ranker_version_mismatch_total.
 """
 
 from __future__ import annotations
