@@ -10,8 +10,15 @@ shard replica, round-robin over those that are up (embedding_server.client_strea
 (`dns:///host:port`, or `ipv4:a:p1,b:p2`) and balances with its `round_robin` policy.
 Both follow one retry rule (`_call`): UNAVAILABLE from a draining replica is retried on
 another until the deadline, an unreachable one a few times within a short budget, so a
-shard whose every replica refuses fails the lookup in milliseconds. Depends on protos
-and modelpack only (no FBGEMM, no server code).
+shard whose every replica refuses fails the lookup in milliseconds.
+
+A lookup names a delta seq (LookupRequest.seq: the version's rows with deltas 1..seq
+applied) and every answer must echo it, as it echoes the fingerprint. A replica that
+cannot read that seq (`seq_not_applied`: not applied yet, or no longer readable) is a
+state of that replica, not of the shard: the lookup moves to a sibling that has not
+refused it (streams skip the refusing slot; unary trusts round_robin's next pick), and
+fails SeqNotAppliedError only when no replica can. Depends on protos and modelpack only
+(no FBGEMM, no server code).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -29,7 +36,13 @@ import numpy.typing as npt
 
 from embedding_server.client_streams import AttemptFailed, ShardStreams, reason_of
 from modelpack.hashing import shard_bounds
-from modelpack.lookup import FINGERPRINT_MISMATCH, VERSION_NOT_LOADED, TableQuery, split_rows
+from modelpack.lookup import (
+    FINGERPRINT_MISMATCH,
+    SEQ_NOT_APPLIED,
+    VERSION_NOT_LOADED,
+    TableQuery,
+    split_rows,
+)
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pb_grpc
 
@@ -87,6 +100,10 @@ class VersionNotLoadedError(EmbeddingLookupError):
     """A shard does not hold the requested version READY (not loaded yet, or unloading)."""
 
 
+class SeqNotAppliedError(EmbeddingLookupError):
+    """No replica of a shard can read the version at the requested delta seq."""
+
+
 def replicas_target(addresses: Sequence[str]) -> str:
     """A gRPC target for a shard: one `dns:///...` target as is, or fixed `host:port` replicas."""
     if len(addresses) == 1 and ":///" in addresses[0]:
@@ -110,8 +127,8 @@ def _ascending(rows: npt.NDArray[np.int64]) -> bool:
 
 def _error(k: int, e: AttemptFailed, tried: str) -> EmbeddingLookupError:
     """The client's exception for shard k's failure: its reason picks the class."""
-    cls = {VERSION_NOT_LOADED: VersionNotLoadedError,
-           FINGERPRINT_MISMATCH: VersionMismatchError}.get(e.reason, EmbeddingLookupError)
+    cls = {VERSION_NOT_LOADED: VersionNotLoadedError, FINGERPRINT_MISMATCH: VersionMismatchError,
+           SEQ_NOT_APPLIED: SeqNotAppliedError}.get(e.reason, EmbeddingLookupError)
     return cls(f"shard {k}: {e.code.name}: {e.message}{tried}", e.code, k, e.reason)
 
 
@@ -154,7 +171,8 @@ class EmbeddingClient:
     """Fans lookups out to `shards` (each a list of replica addresses or one dns:/// target)."""
 
     def __init__(self, shards: Sequence[Sequence[str]], *, default_timeout_s: float = 1.0,
-                 lookup_token: str | None = None, transport: str = "stream") -> None:
+                 lookup_token: str | None = None, transport: str = "stream",
+                 on_seq_not_applied: Callable[[int], None] | None = None) -> None:
         if not shards:
             raise ValueError("need at least one embedding shard")
         if transport not in TRANSPORTS:
@@ -165,6 +183,8 @@ class EmbeddingClient:
         # Sent with every Lookup, for shards started with --lookup-token-file.
         self._metadata = (("authorization", f"Bearer {lookup_token}"),) if lookup_token else None
         self.transport = transport
+        # Called with the shard index on every replica's seq_not_applied (failed over or not).
+        self.on_seq_not_applied = on_seq_not_applied
         self._streams = [ShardStreams(r, _STREAM_OPTIONS, self._metadata)
                          for r in self.replicas] if transport == "stream" else []
         self._channels = [grpc.aio.insecure_channel(t, options=_UNARY_OPTIONS)
@@ -182,13 +202,20 @@ class EmbeddingClient:
         await asyncio.gather(*(s.close() for s in self._streams),
                              *(c.close() for c in self._channels))
 
-    async def _attempt(self, k: int, request: pb.LookupRequest, timeout_s: float
-                       ) -> pb.LookupResponse:
-        """One try at shard k, on the next replica; AttemptFailed if it did not answer rows."""
+    def _tries_for_seq(self, k: int) -> int:
+        """How many replicas of shard k a seq_not_applied lookup may be tried on."""
+        if self._streams:
+            return self._streams[k].size
+        return max(len(self.replicas[k]), 2)  # a dns:/// target: at least one sibling
+
+    async def _attempt(self, k: int, request: pb.LookupRequest, timeout_s: float,
+                       avoid: set[int]) -> pb.LookupResponse:
+        """One try at shard k, on the next replica not in `avoid`; AttemptFailed if it did
+        not answer rows."""
         # The shard gives up on it at our deadline too, rather than gather rows nobody reads.
         request.timeout_s = timeout_s
         if self._streams:
-            return await self._streams[k].lookup(request, timeout_s)
+            return await self._streams[k].lookup(request, timeout_s, avoid)
         try:
             resp: pb.LookupResponse = await self._stubs[k].Lookup(
                 request, timeout=timeout_s, metadata=self._metadata)
@@ -200,23 +227,38 @@ class EmbeddingClient:
     async def _call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:
         first_failure = 0.0
         attempt = 0
+        refused: set[int] = set()  # stream slots that cannot read the seq
+        seq_refusals: list[AttemptFailed] = []
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise EmbeddingLookupError(f"shard {k}: deadline exceeded",
                                            grpc.StatusCode.DEADLINE_EXCEEDED, k)
             try:
-                return await self._attempt(k, request, remaining)
+                return await self._attempt(k, request, remaining, refused)
             except AttemptFailed as e:
                 attempt += 1
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if e.reason == SEQ_NOT_APPLIED:
+                    # That replica's state, not the shard's: a sibling may read the seq.
+                    seq_refusals.append(e)
+                    refused.add(e.replica)
+                    if self.on_seq_not_applied is not None:
+                        self.on_seq_not_applied(k)
+                    if len(seq_refusals) < self._tries_for_seq(k):
+                        continue
+                elif seq_refusals and e.code == grpc.StatusCode.UNAVAILABLE:
+                    # The replicas that did not refuse it are down: the shard cannot read it.
+                    e = AttemptFailed(seq_refusals[-1].code, SEQ_NOT_APPLIED,
+                                      f"{seq_refusals[-1].message}; the other replicas: "
+                                      f"{e.message}")
                 # UNAVAILABLE: the replica is down or draining; the next try goes to the next
                 # replica. A draining replica answered, so a sibling may well be up: retry until
                 # the deadline. One that cannot be reached gets a few quick tries, so a shard
                 # with no live replica fails in milliseconds instead of at the deadline.
                 # The budget counts from the first failure: a lookup that waited long on a
                 # replica that then died (a stream reset mid-flight) still gets its quick tries.
-                now = time.monotonic()
-                first_failure = first_failure or now
                 if e.code == grpc.StatusCode.UNAVAILABLE and now < deadline and (
                         e.draining or (attempt < RETRY_ATTEMPTS
                                        and now - first_failure < RETRY_BUDGET_S)):
@@ -227,9 +269,10 @@ class EmbeddingClient:
                 raise _error(k, e, tried) from None
 
     async def lookup(self, model: str, version: str, fingerprint: str,
-                     queries: Sequence[TableQuery], timeout_s: float | None = None
-                     ) -> list[npt.NDArray[np.generic]]:
-        """Look up every query at once; one array per query, in request order.
+                     queries: Sequence[TableQuery], timeout_s: float | None = None, *,
+                     seq: int = 0) -> list[npt.NDArray[np.generic]]:
+        """Look up every query at once, read at delta `seq`; one array per query, in
+        request order.
 
         Unpooled: uint8 (rows, 4 + dim/2) for int4, else (rows, dim) fp16/fp32.
         Pooled: (bags, dim) in the requested float type.
@@ -238,7 +281,7 @@ class EmbeddingClient:
         deadline = time.monotonic() + budget
         split = [split_query(q, self.num_shards) for q in queries]
         requests = [
-            pb.LookupRequest(model=model, version=version, fingerprint=fingerprint,
+            pb.LookupRequest(model=model, version=version, fingerprint=fingerprint, seq=seq,
                              tables=[parts[k].request for parts in split])
             for k in range(self.num_shards)
         ]
@@ -253,6 +296,10 @@ class EmbeddingClient:
                     f"shard {k} answered {a.model}/{a.version} ({a.fingerprint[:19]}) for a lookup "
                     f"of {model}/{version} ({expected[:19]}"
                     f"{'' if fingerprint else ', as shard 0 answered'})", None, k)
+            if a.seq != seq:  # rows of another delta seq: never merged, never scored
+                raise VersionMismatchError(
+                    f"shard {k} answered {model}/{version} read at delta seq {a.seq} for a "
+                    f"lookup at seq {seq}", None, k)
             if a.shard != k or a.num_shards != self.num_shards or len(a.results) != len(queries):
                 raise EmbeddingLookupError(
                     f"shard {k} answered as shard {a.shard}/{a.num_shards} with "

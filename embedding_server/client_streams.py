@@ -6,7 +6,8 @@ call setup each time; a message on an open stream costs a third to a half of tha
 use and re-opened after a backoff when it ends; lookups go round-robin over the streams
 that are up, each with a fresh `id` that its answer echoes (answers come in any order).
 A stream that breaks fails every lookup in flight on it with the stream's status, so
-the client's one retry rule (embedding_server.client) moves them to a sibling.
+the client's one retry rule (embedding_server.client) moves them to a sibling; a lookup
+may name replicas to avoid (those that said they cannot read its delta seq).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import grpc
 import grpc.aio
@@ -39,9 +40,11 @@ STREAMS_PER_RESOLVED_TARGET = 2
 class AttemptFailed(Exception):
     """One try of one shard's lookup failed; the client decides whether to try again."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, replica: int = -1
+                 ) -> None:
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
+        self.replica = replica  # the stream slot that refused it (-1: unknown, or unary)
 
     @property
     def draining(self) -> bool:
@@ -74,8 +77,9 @@ class _Stream:
 class _Replica:
     """A stream slot: at most one open stream to one replica (or one pick of a dns target)."""
 
-    def __init__(self, name: str, method: grpc.aio.StreamStreamMultiCallable,
+    def __init__(self, index: int, name: str, method: grpc.aio.StreamStreamMultiCallable,
                  metadata: tuple[tuple[str, str], ...] | None) -> None:
+        self.index = index
         self.name = name
         self._method = method
         self._metadata = metadata
@@ -115,7 +119,8 @@ class _Replica:
             f = resp.failure
             if f.reason == DRAINING:
                 stream.draining = True
-            raise AttemptFailed(_CODES.get(f.code, grpc.StatusCode.UNKNOWN), f.reason, f.message)
+            raise AttemptFailed(_CODES.get(f.code, grpc.StatusCode.UNKNOWN), f.reason,
+                                f"{self.name}: {f.message}", self.index)
         return resp
 
     async def _read(self, stream: _Stream) -> None:
@@ -185,14 +190,20 @@ class ShardStreams:
             method = ch.stream_stream(_METHOD, request_serializer=pb.LookupRequest.SerializeToString,
                                       response_deserializer=pb.LookupResponse.FromString)
             n = STREAMS_PER_RESOLVED_TARGET if resolved else 1
-            self._replicas += [_Replica(addr, method, metadata) for _ in range(n)]
+            self._replicas += [_Replica(len(self._replicas) + i, addr, method, metadata)
+                               for i in range(n)]
         self._turn = itertools.cycle(range(len(self._replicas)))
         self._ids = itertools.count(1)
 
-    def _pick(self, now: float) -> _Replica:
+    @property
+    def size(self) -> int:
+        """Stream slots (replicas, or picks of a dns target) a lookup can be tried on."""
+        return len(self._replicas)
+
+    def _pick(self, now: float, avoid: Collection[int]) -> _Replica:
         for _ in self._replicas:
             r = self._replicas[next(self._turn)]
-            if r.usable(now):
+            if r.usable(now) and r.index not in avoid:
                 return r
         # Every replica is down or backing off. A refusal of the stream itself (no token)
         # stands until the backoff ends. Draining ones will be replaced (a sibling or a
@@ -208,10 +219,12 @@ class ShardStreams:
                             f"no replica ready (of {', '.join(r.name for r in self._replicas)})"
                             + last)
 
-    async def lookup(self, request: pb.LookupRequest, timeout_s: float) -> pb.LookupResponse:
+    async def lookup(self, request: pb.LookupRequest, timeout_s: float,
+                     avoid: Collection[int] = ()) -> pb.LookupResponse:
+        """One attempt, on the next usable slot not in `avoid`."""
         now = asyncio.get_running_loop().time()
         request.id = next(self._ids)  # unique on every stream: an answer can only be ours
-        return await self._pick(now).lookup(request, now + timeout_s)
+        return await self._pick(now, avoid).lookup(request, now + timeout_s)
 
     async def close(self) -> None:
         await asyncio.gather(*(r.close() for r in self._replicas))
