@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from modelpack.httpbody import BodyError, json_content_type, read_capped, strict_json
+from ranker_server.deltas import MAX_SEQ
 from ranker_server.errors import AdminError
 
 MAX_ADMIN_BODY_BYTES = 64 << 10  # its bodies name a version or a split: a few hundred bytes
@@ -140,6 +141,25 @@ async def activate_version(version: str, request: Request) -> Response:
     st = _state(request)
     await st.lifecycle.activate(version)
     return _json(st.registry.listing())
+
+
+@router.put("/versions/{version}/seq")
+async def set_version_seq(version: str, request: Request) -> Response:
+    """Body `{"seq": S, "fingerprint"?: F}`: read the version at delta seq S from the next
+    batch on (see the module docstring); answers its entry plus `previous_seq`."""
+    st = _state(request)
+    lv = st.registry.get(version)  # 404 before the body is read
+    body = await _body(request)
+    seq = body.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        raise AdminError(422, f"seq: must be an integer in [0, {MAX_SEQ}] (0: the version's "
+                         f"own rows), got {seq!r}")
+    fingerprint = body.get("fingerprint", "")
+    if not isinstance(fingerprint, str):
+        raise AdminError(422, f"fingerprint: must be a string (delta {seq}'s manifest "
+                         f"fingerprint), got {fingerprint!r}")
+    old = await st.lifecycle.set_seq(version, seq, fingerprint)
+    return _json({**st.registry.info(lv), "previous_seq": old})
 
 
 @router.put("/split")

@@ -58,7 +58,8 @@ RANK_OPENAPI: dict[str, Any] = {
                 "description": "hybrid.ranker.v1.RankRequest (protos/ranker.proto)"}},
         },
     },
-    "responses": {"200": {"description": "`{request_id, model, version, scores}` (or a "
+    "responses": {"200": {"description": "`{request_id, model, version, seq, scores}` (seq: "
+                          "the version's delta seq the scores were read at; or a "
                           "RankResponse for protobuf bodies)"},
                   "4xx": {"description": "`{detail, reason, field}` naming the bad field"},
                   "429": {"description": "overloaded: the queue is full; retry after "
@@ -185,7 +186,7 @@ async def rank(st: RankerState, scope: Scope, receive: Receive) -> Answer:
                 raise RankError(504, "deadline", f"deadline of {timeout_ms} ms expired before "
                                 "the scores were ready") from None
             body, media = codec.encode_response(kind, env.request_id, cfg.model, rec.version,
-                                                rec.scores)
+                                                rec.scores, item.seq)
             return 200, body, [(b"content-type", media.encode())]
     except RankError as e:
         return error_answer(e)

@@ -9,6 +9,9 @@ is on the device. The queue of waiting requests is bounded
 bound; so is one read while the event loop runs more than `shed_loop_lag_ms` late
 (loop_lag.py). A request whose deadline passes while queued fails with 504 and is not scored.
 
+A batch reads its version at one delta seq, pinned when the batch forms (`_take`): an
+admin change of the seq applies to batches formed after it, never within one.
+
 From `submit` on, the batcher owns the request's version lease: `_retire` is the one
 place a submitted request leaves the batcher, answered or abandoned, and the one place
 its lease is released.
@@ -46,6 +49,7 @@ class RankItem:
     request: DecodedRequest
     deadline: float  # time.monotonic() after which the request is answered 504
     enqueued: float = field(default_factory=time.monotonic)
+    seq: int = 0  # the delta seq its batch read at, pinned when the batch formed
     future: asyncio.Future[Scores] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -183,6 +187,9 @@ class Batcher:
                 break
             batch.append(it)
             size += it.request.num_candidates
+        seq = batch[0].lease.version.seq  # the batch's one seq, read once
+        for it in batch:
+            it.seq = seq
         taken = set(batch)
         self._pending = deque(it for it in self._pending if it not in taken)
         return batch
@@ -197,7 +204,8 @@ class Batcher:
             # The lookups serve every request of the batch: bound them by the latest deadline;
             # each caller still answers 504 at its own deadline.
             timeout_s = max(it.deadline for it in items) - now
-            outcome = await self.pipeline.run(version, [it.request for it in items], timeout_s)
+            outcome = await self.pipeline.run(version, [it.request for it in items], timeout_s,
+                                              seq=items[0].seq)
             if len(outcome) != len(items):
                 raise AssertionError(f"{len(outcome)} score arrays for {len(items)} requests")
         except RankError as e:

@@ -189,13 +189,14 @@ def _truncate(ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], max_le
 
 
 def encode_response(kind: BodyKind, request_id: str, model: str, version: str,
-                    scores: npt.NDArray[np.float32]) -> tuple[bytes, str]:
-    """(body, media type) of a successful answer, in the request's own format."""
+                    scores: npt.NDArray[np.float32], seq: int = 0) -> tuple[bytes, str]:
+    """(body, media type) of a successful answer, in the request's own format; `seq`: the
+    delta seq of `version` the scores were read at."""
     if kind == "protobuf":
         msg = ranker_pb2.RankResponse(request_id=request_id, model=model, version=version,
-                                      scores=scores.astype("<f4").tobytes())
+                                      scores=scores.astype("<f4").tobytes(), seq=seq)
         return msg.SerializeToString(), PROTOBUF_TYPES[0]
-    body = {"request_id": request_id, "model": model, "version": version,
+    body = {"request_id": request_id, "model": model, "version": version, "seq": seq,
             "scores": scores.astype(np.float32).tolist()}
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode(), "application/json"
 

@@ -6,13 +6,14 @@ computes. So a ranker can be N worker processes, each a complete ranker that lis
 the same data port (SO_REUSEPORT: the kernel spreads connections over them), and this
 supervisor, which owns everything that must stay one ranker:
 
-- the admin API on --admin-port: every change (load, prepare, split, unload) goes to
+- the admin API on --admin-port: every change (load, prepare, split, seq, unload) goes to
   every worker in turn, under one lock. A change some workers took and others did not
   never leaves them serving different things: the ones that failed are killed and come
   back from the group's state, not ready until then. Nothing that reached no worker
   changed anything, so its error is returned as is;
-- the group's state, the desired-state file every worker starts from (`versions` and
-  `split` as the workers report them after each change), so a worker that dies or is
+- the group's state, the desired-state file every worker starts from (`versions`,
+  `split` and each version's delta seq, `deltas`, as the workers report them after each
+  change), so a worker that dies or is
   killed restarts into what the others serve; one that still comes up different (it
   read the file just before a change) is restarted again;
 - /healthz, /readyz (ready only when every worker is) and /metrics (every worker's, with
@@ -125,7 +126,8 @@ class Group:
 
     def start(self) -> None:
         plan = startup_plan(self.config)  # the user's desired state, else --version
-        self._write_state(DesiredModel(plan.versions[0], plan.versions, plan.split))
+        self._write_state(DesiredModel(plan.versions[0], plan.versions, plan.split,
+                                       deltas=plan.deltas))
         for k in range(self.config.workers):
             argv = [sys.executable, "-m", "ranker_server", *self.argv, "--workers", "1",
                     "--group-worker", "--group-admin-port", str(self.config.admin_port),
@@ -176,8 +178,7 @@ class Group:
             except (httpx.HTTPError, OSError, ValueError, KeyError):
                 return
             want = desired.read(self.state_file).get(self.config.model)
-            if want is not None and got is not None and (set(got.versions), got.split) == (
-                    set(want.versions), want.split):
+            if want is not None and got is not None and _serves(got) == _serves(want):
                 w.synced = True
                 log.info("worker %d ready and in step with the group (%s)", w.index, want.split)
             else:
@@ -277,6 +278,11 @@ class Group:
         await self.client.aclose()
 
 
+def _serves(d: DesiredModel) -> tuple[set[str], dict[str, float], dict[str, int]]:
+    """What must agree between a worker and the group: versions, split, delta seqs."""
+    return set(d.versions), d.split, {v: s for v, s in d.deltas.items() if s}
+
+
 def _model_of(listing: bytes) -> DesiredModel | None:
     """A worker's GET /admin/v1/versions as the group's desired state (None: serves nothing)."""
     d = json.loads(listing)
@@ -286,7 +292,8 @@ def _model_of(listing: bytes) -> DesiredModel | None:
     held = [v for v in d["versions"] if v["state"] != "unloading"]
     names = [d["active"], *sorted(v["version"] for v in held if v["version"] != d["active"])]
     return DesiredModel(d["active"], tuple(names), split,
-                        {v["version"]: v["fingerprint"] for v in held})
+                        {v["version"]: v["fingerprint"] for v in held},
+                        deltas={v["version"]: int(v["seq"]) for v in held if v.get("seq")})
 
 
 def _error(status: int, detail: str) -> Reply:

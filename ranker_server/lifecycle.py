@@ -1,4 +1,5 @@
-"""Version lifecycle: load from the store, prepare against the shards, activate, unload.
+"""Version lifecycle: load from the store, prepare against the shards, activate, unload,
+and move a version to another delta seq.
 
 Loading reads files and builds the dense model, so it runs on a worker thread; admin
 changes are serialized by one lock so two loads of the same version cannot race.
@@ -9,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelpack import desired
+from modelpack.delta import DeltaError
 from modelpack.dense import load_dense
 from modelpack.desired import DesiredStateError
 from modelpack.manifest import VerifyError, read_manifest, verify
 from modelpack.schema import SchemaError, check_name
 from ranker_server.config import RankerConfig
+from ranker_server.deltas import check_chain
 from ranker_server.device import Device
 from ranker_server.errors import AdminError
 from ranker_server.pipeline import warm_up
@@ -105,6 +108,35 @@ class Lifecycle:
             self.registry.set_split(split)
         log.info("traffic split of %s is now %s", self.registry.model, self.registry.split)
 
+    async def set_seq(self, version: str, seq: int, fingerprint: str = "", *,
+                      fresh: bool = True) -> int:
+        """Read `version` at delta `seq` in batches formed from now on, once deltas 1..seq
+        chain in our store (and delta seq's fingerprint is `fingerprint`, if given);
+        returns the previous seq. Lowering it (a revert) is allowed."""
+        async with self._lock:
+            lv = self.registry.get(version)
+            if lv.unloading:
+                raise AdminError(409, f"version {version!r} is being unloaded")
+            where = f"{self.registry.model}/{version} at delta seq {seq}"
+            try:
+                delta = await asyncio.to_thread(check_chain, lv.path, lv.manifest, seq,
+                                                lv.checked)
+            except DeltaError as e:
+                raise AdminError(422, f"cannot read {where}: {e}") from None
+            if fingerprint and (delta is None or delta.fingerprint != fingerprint):
+                raise AdminError(409, f"cannot read {where}: its fingerprint in {lv.path} is "
+                                 f"{delta.fingerprint if delta else 'none (seq 0)'}, not "
+                                 f"{fingerprint}")
+            try:  # local tables read the deltas' rows: verified and folded before the switch
+                await asyncio.to_thread(self.source.open_seq, lv.manifest, seq)
+            except DeltaError as e:
+                raise AdminError(422, f"cannot read {where}: {e}") from None
+            old = self.registry.set_seq(lv, seq, delta, fresh=fresh)
+        if old != seq:
+            log.info("%s/%s is now read at delta seq %d (was %d)", self.registry.model, version,
+                     seq, old)
+        return old
+
     async def unload(self, version: str, timeout_s: float) -> None:
         """Refuse while it takes traffic; else wait for its in-flight requests and drop it."""
         async with self._lock:
@@ -133,6 +165,8 @@ class Lifecycle:
         try:
             for v in plan.versions:
                 await self.load(v)
+                if plan.deltas.get(v, 0):  # a restart comes back at the committed seq
+                    await self.set_seq(v, plan.deltas[v], fresh=False)
         except AdminError as e:
             if plan.split == {self.config.version: 1.0} and len(plan.versions) == 1:
                 raise
@@ -211,6 +245,7 @@ class StartupPlan:
     versions: tuple[str, ...]
     split: dict[str, float]
     source: str  # where it came from, for the log
+    deltas: dict[str, int] = field(default_factory=dict)  # committed delta seq per version
 
 
 def startup_plan(config: RankerConfig) -> StartupPlan:
@@ -227,8 +262,9 @@ def startup_plan(config: RankerConfig) -> StartupPlan:
         log.info("desired state %s names no %s yet: starting from --version %s",
                  config.desired_state, config.model, config.version)
         return fallback
-    log.info("desired state of %s: versions %s, split %s (rollout %s, seq %d); --version %s "
-             "not used", config.model, list(want.versions), want.split, want.rollout, want.seq,
-             config.version)
+    log.info("desired state of %s: versions %s, split %s, delta seqs %s (rollout %s, seq %d); "
+             "--version %s not used", config.model, list(want.versions), want.split,
+             want.deltas, want.rollout, want.seq, config.version)
     return StartupPlan(want.versions, dict(want.split),
-                       f"desired state {config.desired_state} seq {want.seq}")
+                       f"desired state {config.desired_state} seq {want.seq}",
+                       {v: want.delta_seq(v) for v in want.versions if want.delta_seq(v)})

@@ -186,12 +186,14 @@ class Pipeline:
         self.serial_lookups = serial_lookups
 
     async def run(self, version: LoadedVersion, requests: Sequence[DecodedRequest],
-                  timeout_s: float) -> list[npt.NDArray[np.float32]]:
-        """Score a batch of requests pinned to `version`; one score array per request."""
+                  timeout_s: float, *, seq: int | None = None) -> list[npt.NDArray[np.float32]]:
+        """Score a batch of requests pinned to `version` at delta `seq` (None: the version's
+        current seq); one score array per request."""
         merged = merge_requests(version.schema, requests)
         plan = plan_lookups(version, merged)
         started = time.perf_counter()
-        lookup = asyncio.ensure_future(self.source.lookup(version, plan.queries, timeout_s))
+        lookup = asyncio.ensure_future(self.source.lookup(version, plan.queries, timeout_s,
+                                                          seq=seq))
 
         def looked_up(task: asyncio.Future[list[Packed]]) -> None:
             self.metrics.lookup_duration.observe(time.perf_counter() - started)

@@ -4,7 +4,9 @@ One lookup per shard per batch, each table's rows de-duplicated before the wire 
 expanded after; the client's errors become RankErrors with the HTTP status an ads
 backend can act on. A shard serving another build is a version_mismatch (the alarm),
 never a score; a shard that does not hold the version is version_not_loaded (an
-ordinary state during a rollout or a restart, not the alarm).
+ordinary state during a rollout or a restart, not the alarm). Every lookup names the
+batch's delta seq; an answer echoing another is the alarm too, and a shard none of whose
+replicas can read the seq is seq_not_applied (503: never served from other rows).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy.typing as npt
 from embedding_server.client import (
     EmbeddingClient,
     EmbeddingLookupError,
+    SeqNotAppliedError,
     VersionMismatchError,
     VersionNotLoadedError,
 )
@@ -42,13 +45,19 @@ class RemoteTables:
     def __init__(self, shards: Sequence[Sequence[str]], prepare_timeout_s: float, *,
                  lookup_token: str | None = None, transport: str = "stream",
                  metrics: Metrics | None = None) -> None:
-        self.client = EmbeddingClient(shards, lookup_token=lookup_token, transport=transport)
+        self.client = EmbeddingClient(shards, lookup_token=lookup_token, transport=transport,
+                                      on_seq_not_applied=self._seq_not_applied)
         self.prepare_timeout_s = prepare_timeout_s
         self.metrics = metrics
 
+    def _seq_not_applied(self, shard: int) -> None:
+        if self.metrics is not None:
+            self.metrics.seq_not_applied.labels(str(shard)).inc()
+
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
-                     timeout_s: float) -> list[Packed]:
+                     timeout_s: float, *, seq: int | None = None) -> list[Packed]:
         m = version.manifest
+        seq = version.seq if seq is None else seq
         # Each row once per table (pooled queries keep their bags as they are).
         sent: list[TableQuery] = []
         inverses: list[npt.NDArray[np.intp] | None] = []
@@ -65,9 +74,9 @@ class RemoteTables:
             self.metrics.lookup_rows_unique.inc(sum(q.rows.size for q in sent))
         try:
             out = await self.client.lookup(m.model, m.version, m.fingerprint, sent,
-                                           timeout_s=timeout_s)
+                                           timeout_s=timeout_s, seq=seq)
         except EmbeddingLookupError as e:
-            raise _lookup_error(m, e) from None
+            raise _lookup_error(m, seq, e) from None
         return [np.asarray(a if inv is None else a[inv], dtype=np.uint8)
                 for a, inv in zip(out, inverses, strict=True)]
 
@@ -107,6 +116,9 @@ class RemoteTables:
     def close_version(self, version: str) -> None:
         return None
 
+    def open_seq(self, manifest: Manifest, seq: int) -> None:
+        return None  # the shards apply deltas; the controller has them do so first
+
     async def close(self) -> None:
         await self.client.close()
 
@@ -117,9 +129,13 @@ def _mismatch(m: Manifest, said: str) -> RankError:
                      f"({m.fingerprint}); {said}")
 
 
-def _lookup_error(m: Manifest, e: EmbeddingLookupError) -> RankError:
+def _lookup_error(m: Manifest, seq: int, e: EmbeddingLookupError) -> RankError:
     if isinstance(e, VersionMismatchError):
         return _mismatch(m, str(e))
+    if isinstance(e, SeqNotAppliedError):
+        return RankError(503, "seq_not_applied",
+                         f"seq_not_applied: no replica of shard {e.shard} can read "
+                         f"{m.model}/{m.version} at delta seq {seq}: {e}", retry_after_s=1)
     if isinstance(e, VersionNotLoadedError):
         return RankError(503, "version_not_loaded",
                          f"shard {e.shard} does not hold {m.model}/{m.version} ready: {e}",

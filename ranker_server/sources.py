@@ -2,9 +2,11 @@
 
 Both sources (RemoteTables in remote_tables.py over the embedding shards, LocalTables in
 local_tables.py over in-process files) answer `lookup(version, queries, timeout_s)` with
-one uint8 (rows, 4 + dim/2) array per query and raise RankError on failure, so the
-pipeline does not care which it has. `prepare` is the handshake that makes a version
-servable, and /readyz runs it for every version with traffic. No grpc here: the pipeline imports this module.
+one uint8 (rows, 4 + dim/2) array per query, read at the batch's delta seq (None: the
+version's current one), and raise RankError on failure, so the pipeline does not care
+which it has. `open_seq` readies a seq before the ranker switches to it. `prepare` is
+the handshake that makes a version servable, and /readyz runs it for every version with
+traffic. No grpc here: the pipeline imports this module.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ class PrepareError(Exception):
 
 class TableSource(Protocol):
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
-                     timeout_s: float) -> list[Packed]: ...
+                     timeout_s: float, *, seq: int | None = None) -> list[Packed]: ...
 
     async def prepare(self, manifest: Manifest) -> None: ...
 
     def open_version(self, manifest: Manifest) -> None: ...
+
+    def open_seq(self, manifest: Manifest, seq: int) -> None:
+        """Ready delta `seq` of a version (a worker thread); DeltaError if it cannot be read."""
+        ...
 
     def close_version(self, version: str) -> None: ...
 

@@ -2,8 +2,10 @@
 
 A request takes a Lease at admission: one version, drawn from the traffic split (or
 named by the request), held until its batch has finished, so every step of that request
-uses the same version. Unloading waits for a version's leases to reach zero. This module
-is pure state on the event loop; loading files and talking to shards is lifecycle.py's.
+uses the same version. Each version carries the delta seq new batches read it at
+(`seq`); the batcher pins it once per batch, when the batch forms. Unloading waits for
+a version's leases to reach zero. This module is pure state on the event loop; loading
+files and talking to shards is lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from modelpack.delta import DeltaManifest
 from modelpack.manifest import Manifest
 from modelpack.schema import FeatureSchema, TableSpec
 from ranker_server.errors import AdminError, RankError
@@ -46,6 +49,10 @@ class LoadedVersion:
     unloading: bool = False
     in_flight: int = 0
     requests_total: int = 0
+    seq: int = 0  # the delta seq batches formed from now on read at (0: the version's rows)
+    delta: DeltaManifest | None = None  # delta `seq`'s manifest (None at 0)
+    # Delta manifests checked as a chain (ranker_server.deltas), by seq: immutable once written.
+    checked: dict[int, DeltaManifest] = field(default_factory=dict)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tables: dict[str, TableSpec] = field(init=False)
     dim: int = field(init=False)
@@ -130,11 +137,22 @@ class VersionRegistry:
         self.versions[lv.version] = lv
         self.metrics.traffic_share.labels(lv.version).set(0.0)
         self.metrics.inflight.labels(lv.version).set(0)
+        self.metrics.delta_served(self.model, lv.version, lv.seq, 0.0, fresh=False)
 
     def remove(self, version: str) -> LoadedVersion:
         lv = self.versions.pop(version)
-        self.metrics.forget_version(version)
+        self.metrics.forget_version(self.model, version)
         return lv
+
+    def set_seq(self, lv: LoadedVersion, seq: int, delta: DeltaManifest | None, *,
+                fresh: bool) -> int:
+        """Batches of `lv` formed from now on read at `seq` (checked by the caller); returns
+        the previous seq. `fresh`: a live advance, recorded in the freshness histogram."""
+        old, lv.seq, lv.delta = lv.seq, seq, delta
+        self.metrics.delta_served(self.model, lv.version, seq,
+                                  delta.written_at if delta is not None else 0.0,
+                                  fresh=fresh and seq > old)
+        return old
 
     def _servable(self, version: str) -> LoadedVersion:
         lv = self.get(version)
@@ -207,7 +225,9 @@ class VersionRegistry:
     def info(self, lv: LoadedVersion) -> dict[str, Any]:
         return {"version": lv.version, "fingerprint": lv.fingerprint, "state": str(self.state(lv)),
                 "traffic_share": self.split.get(lv.version, 0.0), "in_flight": lv.in_flight,
-                "requests_total": lv.requests_total}
+                "requests_total": lv.requests_total, "seq": lv.seq,
+                "delta_fingerprint": lv.delta.fingerprint if lv.delta is not None else "",
+                "delta_written_at": lv.delta.written_at if lv.delta is not None else 0.0}
 
     def listing(self) -> dict[str, Any]:
         return {"model": self.model, "active": self.active, "split": dict(self.split),

@@ -161,11 +161,11 @@ def test_garbage_protobuf_is_400() -> None:
 
 def test_responses_in_the_request_format() -> None:
     scores = np.array([0.25, 0.5], np.float32)
-    body, media = codec.encode_response("json", "r1", "tiny", "v1", scores)
+    body, media = codec.encode_response("json", "r1", "tiny", "v1", scores, 3)
     assert media == "application/json"
-    assert json.loads(body) == {"request_id": "r1", "model": "tiny", "version": "v1",
+    assert json.loads(body) == {"request_id": "r1", "model": "tiny", "version": "v1", "seq": 3,
                                 "scores": [0.25, 0.5]}
-    body, media = codec.encode_response("protobuf", "r1", "tiny", "v1", scores)
+    body, media = codec.encode_response("protobuf", "r1", "tiny", "v1", scores, 3)
     msg = ranker_pb2.RankResponse.FromString(body)
-    assert media == "application/x-protobuf" and msg.version == "v1"
+    assert media == "application/x-protobuf" and (msg.version, msg.seq) == ("v1", 3)
     np.testing.assert_array_equal(np.frombuffer(msg.scores, "<f4"), scores)

@@ -43,7 +43,7 @@ class SlowTables:
         self.answered_at = 0.0
 
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
-                     timeout_s: float) -> list[Packed]:
+                     timeout_s: float, *, seq: int | None = None) -> list[Packed]:
         await asyncio.sleep(self.delay_s)
         self.answered_at = time.monotonic()
         return [self.readers[q.table].gather(q.rows) for q in queries]

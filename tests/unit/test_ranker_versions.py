@@ -49,7 +49,8 @@ def test_states_and_activation(manifests: dict[str, Manifest]) -> None:
     assert listing["model"] == "tiny" and listing["active"] == "v1"
     assert [v["state"] for v in listing["versions"]] == ["active", "prepared", "loaded"]
     assert set(listing["versions"][0]) == {"version", "fingerprint", "state", "traffic_share",
-                                           "in_flight", "requests_total"}
+                                           "in_flight", "requests_total", "seq",
+                                           "delta_fingerprint", "delta_written_at"}
 
 
 @pytest.mark.parametrize("split, status", [

@@ -42,7 +42,7 @@ class FailingClient:
 ])
 def test_version_failures_map_to_their_own_reasons(error: Exception, reason: str) -> None:
     version = cast(LoadedVersion, SimpleNamespace(
-        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint=FP)))
+        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint=FP), seq=0))
 
     async def run() -> RankError:
         remote = RemoteTables([["127.0.0.1:9"]], 1.0)
