@@ -6,6 +6,12 @@
     POST /v1/rollouts/{id}/abort       {reason?}
     POST /v1/models/{model}/rollback   {reason?, bake_s?}
     GET  /v1/history?model=&limit=
+    GET  /v1/deltas                    every delta stream's status
+    GET  /v1/deltas/{model}            committed / newest / target seq, state, lag, servers' seqs
+    POST /v1/deltas/{model}/advance    {to?: seq}  (default: the newest seq that verifies)
+    POST /v1/deltas/{model}/revert     {to: seq, reason?}  (the stream pauses)
+    POST /v1/deltas/{model}/pause      {reason?}
+    POST /v1/deltas/{model}/resume
     GET  /healthz (alive), GET /readyz (journal open, discovery working), GET /metrics
 
 Bodies are read by the handlers themselves, after the token was checked (FastAPI reads a
@@ -31,8 +37,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deploy_controller.config import ControllerConfig
-from deploy_controller.controller import Controller, ControllerError
+from deploy_controller.controller import Controller
 from deploy_controller.discovery import Discovery, DiscoveryError, LocalDiscovery
+from deploy_controller.errors import ControllerError
 from deploy_controller.fleet import Fleet, RemoteFleet
 from deploy_controller.journal import Journal, Rollout
 from deploy_controller.metrics import ControllerMetrics
@@ -60,6 +67,19 @@ class AbortBody(BaseModel):
 
 class RollbackBody(AbortBody):
     bake_s: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
+
+
+Seq = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1, description="a delta seq")]
+
+
+class AdvanceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: Seq | None = Field(default=None, description="seq to advance to (default: the newest "
+                           "seq on disk that verifies)")
+
+
+class RevertBody(AbortBody):
+    to: Seq = Field(description="seq to go back to (0: the version's own rows)")
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -232,6 +252,38 @@ def build_app(cfg: ControllerConfig, *, fleet: Fleet | None = None) -> FastAPI:
     async def history(c: Ctl, model: str | None = None,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
         return {"rollouts": [_public(r) for r in c.history(model, limit)]}
+
+    @app.get("/v1/deltas")
+    async def deltas(c: Ctl) -> dict[str, Any]:
+        return {"streams": [await c.deltas.status(s.model) for s in c.deltas.dj.streams()]}
+
+    @app.get("/v1/deltas/{model}")
+    async def delta_status(model: str, c: Ctl) -> dict[str, Any]:
+        return await c.deltas.status(model)
+
+    @app.post("/v1/deltas/{model}/advance", status_code=202, dependencies=auth,
+              openapi_extra=_documented(AdvanceBody, required=False))
+    async def delta_advance(model: str, request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, AdvanceBody, required=False) or AdvanceBody()
+        return (await c.deltas.advance(model, body.to)).to_json()
+
+    @app.post("/v1/deltas/{model}/revert", status_code=202, dependencies=auth,
+              openapi_extra=_documented(RevertBody, required=True))
+    async def delta_revert(model: str, request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, RevertBody, required=True)
+        assert body is not None
+        return (await c.deltas.revert(model, body.to, body.reason)).to_json()
+
+    @app.post("/v1/deltas/{model}/pause", dependencies=auth,
+              openapi_extra=_documented(AbortBody, required=False))
+    async def delta_pause(model: str, request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, AbortBody, required=False) or AbortBody()
+        return (await c.deltas.pause(model, body.reason)).to_json()
+
+    @app.post("/v1/deltas/{model}/resume", dependencies=auth)
+    async def delta_resume(model: str, request: Request, c: Ctl) -> dict[str, Any]:
+        await _read_body(request, AbortBody, required=False)  # only {} or nothing
+        return (await c.deltas.resume(model)).to_json()
 
     @app.get("/healthz")
     async def healthz(c: Ctl) -> dict[str, Any]:

@@ -5,6 +5,8 @@
     deployctl abort ROLLOUT_ID | MODEL [--reason TEXT]
     deployctl rollback MODEL [--reason TEXT] [--bake SECONDS] [--no-wait]
     deployctl history [--model MODEL] [--limit N]
+    deployctl delta status [MODEL] | pause MODEL | resume MODEL
+    deployctl delta advance MODEL [--to SEQ] | revert MODEL --to SEQ   (see delta_cli.py)
 
 The controller's URL comes from --controller or DEPLOYCTL_CONTROLLER, the token from
 --token-file or DEPLOYCTL_TOKEN; both options go before or after the subcommand.
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+
+from deploy_controller import delta_cli
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8090"
 EXIT_OK, EXIT_ROLLED_BACK, EXIT_ERROR = 0, 1, 2
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sp.add_parser("history", parents=[sub_common], help="past rollouts, newest first")
     h.add_argument("--model")
     h.add_argument("--limit", type=int, default=20)
+    delta_cli.add_parser(sp, [sub_common])
     return p
 
 
@@ -219,7 +224,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         except OSError as e:
             raise CliError(f"token file {args.token_file}: {e.strerror or e}") from None
     api = Api(url, token, args.timeout or 30.0)
-    needs_token = args.cmd in ("rollout", "abort", "rollback")
+    needs_token = args.cmd in ("rollout", "abort", "rollback") or (
+        args.cmd == "delta" and args.delta_cmd != "status")
     if needs_token and not token:
         raise CliError("this command needs the admin token: --token-file FILE or DEPLOYCTL_TOKEN")
 
@@ -229,6 +235,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         elif isinstance(data, dict) and "id" in data:
             print("\n".join(render(data)), file=out)
 
+    if args.cmd == "delta":
+        return delta_cli.run(api, args, out)
     if args.cmd == "rollout":
         body = {"model": args.model, "version": args.version, "canary": args.canary,
                 "bake_s": args.bake}

@@ -33,6 +33,13 @@ class ControllerConfig:
     reconcile_interval_s: float = 5.0
     """Seconds between reconcile passes that repair servers drifted from the desired state
     (a restarted shard or ranker missing a version); 0 turns reconciling off."""
+    delta_poll_s: float = 1.0
+    """Seconds between looks at the active version's delta directory in the store; a newer
+    delta that verifies is applied to every shard replica, then every ranker moves to it
+    (health-gated) and it is committed. 0 = follow off (`deployctl delta advance` only)."""
+    delta_gate_s: float = 2.0
+    """Seconds the health gate watches the rankers after they move to a new delta seq
+    (errors, p99, mismatches, mean-score drift vs the previous seq); 0 = commit at once."""
     admin_token_file: Path | None = None
     """File holding the bearer token that every mutating API call must present."""
     fleet_token_file: Path | None = None
@@ -119,7 +126,8 @@ class ControllerConfig:
             "shard_drain_timeout_s": self.shard_drain_timeout_s,
             "max_unsupervised_s": self.max_unsupervised_s, "retry_backoff_s": self.retry_backoff_s,
             "k8s_num_shards": self.k8s_num_shards,
-            "reconcile_interval_s": self.reconcile_interval_s})
+            "reconcile_interval_s": self.reconcile_interval_s, "delta_poll_s": self.delta_poll_s,
+            "delta_gate_s": self.delta_gate_s})
         require_at_least(ConfigError, 0, {
             "gate_interval_s": self.gate_interval_s, "http_timeout_s": self.http_timeout_s,
             "grpc_timeout_s": self.grpc_timeout_s}, strictly=True)

@@ -17,10 +17,12 @@ from typing import Any
 
 from deploy_controller import steps
 from deploy_controller.config import ControllerConfig
+from deploy_controller.deltas import DeltaStreams
 from deploy_controller.desired import DesiredPublisher
+from deploy_controller.errors import ControllerError
 from deploy_controller.executor import Executor
 from deploy_controller.fleet import Fleet
-from deploy_controller.journal import ActiveRolloutError, Journal, Rollout
+from deploy_controller.journal import Journal, ModelBusyError, Rollout
 from deploy_controller.metrics import ControllerMetrics
 from deploy_controller.reconcile import Reconciler
 from deploy_controller.recovery import recover
@@ -29,15 +31,6 @@ from deploy_controller.steps import Ctx, StepFailed
 from modelpack.schema import SchemaError, check_name
 
 log = logging.getLogger(__name__)
-
-
-class ControllerError(Exception):
-    """A refused request; `status` is the HTTP status the API answers with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _configmap(cfg: ControllerConfig) -> Callable[[str], None] | None:
@@ -60,6 +53,9 @@ class Controller:
                                           _configmap(cfg))
         self.executor = executor or Executor(journal, fleet, cfg, self.metrics,
                                              publisher=self.publisher)
+        self.deltas = DeltaStreams(cfg, journal, fleet, self.metrics, self.executor.lock,
+                                   self._serving, lambda: self.publisher.models,
+                                   self.publisher.publish, self.executor.crash)
         self.reconciler = Reconciler(fleet, lambda: self.publisher.models, self.executor.lock,
                                      self.metrics, cfg.reconcile_interval_s,
                                      refresh=self.publisher.publish)
@@ -75,10 +71,12 @@ class Controller:
         self.publisher.publish()
         for rid, _ in resumed:
             self._spawn(rid)
+        self.deltas.start()
         self.reconciler.start()
 
     async def stop(self) -> None:
         await self.reconciler.stop()
+        await self.deltas.stop()
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
@@ -125,13 +123,16 @@ class Controller:
         for r in self.journal.active(model):
             raise ControllerError(409, f"model {model!r} already has an active rollout {r.id} "
                                   f"({r.from_version} -> {r.to_version}, {r.step.name})")
+        for op in self.deltas.dj.running(model):
+            raise ControllerError(409, f"model {model!r} has a delta {op.kind} to seq "
+                                  f"{op.to_seq} running ({op.id}); retry when it ends")
         old = await self._active_version(model)
         if old == version:
             raise ControllerError(409, f"{model}/{version} is already the active version")
         await self._check_fit(model, old, version)
         try:
             r = self.journal.create(model, old, version, shares, bake)
-        except ActiveRolloutError as e:
+        except ModelBusyError as e:
             raise ControllerError(409, str(e)) from None
         log.info("rollout %s: %s %s -> %s, canary %s, bake %.0f s", r.id, model, old, version,
                  shares, bake)
@@ -140,6 +141,11 @@ class Controller:
 
     def _ctx(self, model: str, old: str = "", new: str = "") -> Ctx:
         return Ctx(self.fleet, self.cfg, model, old, new, [100])
+
+    async def _serving(self, model: str) -> str:
+        """The version a model serves alone: the desired state's, else the rankers'."""
+        want = self.publisher.models.get(model)
+        return want.active if want is not None else await self._active_version(model)
 
     async def _active_version(self, model: str) -> str:
         """The one version every ranker of the model serves alone, else 409."""

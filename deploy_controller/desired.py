@@ -6,8 +6,12 @@ PREPARE on), so a corrupt or oversized version is never pushed onto restarted se
 the split is the one the last finished SHIFT set. Retire and rollback drop the version
 going away at once: a server that restarts then need not load it again.
 
-`DesiredPublisher.publish()` recomputes every model that has a rollout in the journal
-and rewrites the file (and, on Kubernetes, the ConfigMap the pods mount) when something
+`deltas` is each model's committed delta seq (delta_journal.py) for the version its
+stream follows, while that version is among `versions` (a model with a stream and no
+rollout yet is published as serving the stream's version alone).
+
+`DesiredPublisher.publish()` recomputes every model that has a rollout or a delta stream
+in the journal and rewrites the file (and, on Kubernetes, the ConfigMap the pods mount) when something
 changed or the last write failed; the reconcile loop calls it every pass, so a failed
 write is retried within seconds. Models the journal has never seen keep
 whatever the file says (a controller started on a fresh journal does not erase them),
@@ -21,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from deploy_controller.delta_journal import DeltaJournal
 from deploy_controller.journal import Journal, Rollout
 from deploy_controller.state import Kind, Phase, Step
 from modelpack import desired
@@ -114,22 +119,31 @@ class DesiredPublisher:
             on_file = {}
         merged = dict(on_file)
         changed = False
+        streams = {s.model: s for s in DeltaJournal(self.journal).streams()}
+        targets: dict[str, tuple[str, tuple[str, ...], dict[str, float], str | None]] = {
+            s.model: (s.version, (s.version,), {s.version: 1.0}, None)  # no rollout yet
+            for s in streams.values()}
         for model, r in self._latest().items():
             if r.step.kind is Kind.FAILED:  # target() reads the events to see where it failed
                 r = self.journal.get(r.id) or r
-            active, versions, split = target(r)
+            targets[model] = (*target(r), r.id)
+        for model, (active, versions, split, rid) in sorted(targets.items()):
             prev = on_file.get(model)
             prints = {v: fp for v in versions
                       if (fp := self._fingerprint(model, v)) is not None}
-            want = DesiredModel(active, versions, split, prints, r.id, time.time(),
-                                (prev.seq if prev else 0) + 1)
+            st = streams.get(model)
+            deltas = ({st.version: st.committed_seq}
+                      if st is not None and st.committed_seq and st.version in versions else {})
+            want = DesiredModel(active, versions, split, prints, rid, time.time(),
+                                (prev.seq if prev else 0) + 1, deltas)
             if want.same_target(prev) and prev is not None:
                 want = prev
             else:
                 merged[model] = want
                 changed = True
-                log.info("desired state of %s: active %s, versions %s, split %s (rollout %s, "
-                         "seq %d)", model, active, list(versions), split, r.id, want.seq)
+                log.info("desired state of %s: active %s, versions %s, split %s, deltas %s "
+                         "(rollout %s, seq %d)", model, active, list(versions), split, deltas,
+                         rid, want.seq)
             self.models[model] = want
         if changed or self.error is not None:  # a failed write is retried on the next call
             try:

@@ -31,7 +31,6 @@ from deploy_controller.gates import (
     Scrape,
     Verdict,
     evaluate,
-    parse_metrics,
 )
 from deploy_controller.journal import Journal, Rollout
 from deploy_controller.metrics import ControllerMetrics
@@ -127,6 +126,10 @@ class Executor:
                  r.to_version, r.status, f": {r.reason}" if r.reason else "")
         return r
 
+    def crash(self, point: str) -> None:
+        """The crash_at test hook's action (SIGKILL in production)."""
+        self._crash(point)
+
     def _hook(self, step: Step, event: str) -> None:
         point = f"{step.name}:{event}"
         if self.cfg.crash_at == point:
@@ -205,22 +208,13 @@ class Executor:
             # Resume the interrupted bake: same window, only the time that is left.
             return ({u: Scrape.from_json(s) for u, s in prior.detail["baseline"].items()},
                     float(prior.detail.get("started_at", prior.ts)))
-        return await self._scrape_all(ctx), time.time()
-
-    async def _scrape_all(self, ctx: Ctx) -> dict[str, Scrape]:
-        texts = await asyncio.gather(*(steps.call(ctx, "metrics_unavailable",
-                                                  lambda u=u: ctx.fleet.ranker_metrics(u))  # type: ignore[misc]
-                                       for u in ctx.rankers))
-        try:
-            return {u: parse_metrics(t) for u, t in zip(ctx.rankers, texts, strict=True)}
-        except ValueError as e:
-            raise StepFailed("metrics_unavailable", f"unparsable /metrics: {e}") from None
+        return await steps.scrape_rankers(ctx), time.time()
 
     async def _evaluate(self, ctx: Ctx, baseline: dict[str, Scrape]
                         ) -> tuple[GateResult, dict[str, Scrape]]:
         """Judge the interval since `baseline`; returns the result and the new scrapes."""
         try:
-            now = await self._scrape_all(ctx)
+            now = await steps.scrape_rankers(ctx)
         except StepFailed as e:
             return GateResult((GateFailure("metrics_unavailable", e.message),), {}), baseline
         urls = list(now)

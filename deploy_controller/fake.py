@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -39,6 +39,7 @@ class _Ranker:
     split: dict[str, float] = field(default_factory=dict)
     active: str | None = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    seqs: dict[str, int] = field(default_factory=dict)  # version -> delta seq it reads
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -73,6 +74,9 @@ class FakeFleet:
         self.hooks: list[Hook] = []
         self.calls: list[tuple[str, str]] = []
         self.violations: list[str] = []
+        self.readable_k = 2  # seqs each replica keeps readable (--readable-seqs)
+        self.refuse: dict[int, str] = {}  # seq -> why ApplyDeltas refuses delta seq
+        self.behavior_at_seq: dict[int, Behavior] = {}  # seq -> how the active version serves
 
     def _shard_version(self, version: str, state: str = "ready") -> ShardVersion:
         return ShardVersion(self.model, version, self.fingerprints[version], state,
@@ -100,6 +104,9 @@ class FakeFleet:
                 for addr, held in self.shards.items():
                     if v not in held or held[v].state != "ready":
                         self.violations.append(f"{url}: traffic on {v} but {addr} lacks it")
+                    elif r.seqs.get(v, 0) not in held[v].readable_seqs:
+                        self.violations.append(f"{url}: reads {v} at seq {r.seqs.get(v, 0)} "
+                                               f"but {addr} reads {held[v].readable_seqs}")
 
     # ------------------------------------------------------------------ Fleet
 
@@ -110,7 +117,7 @@ class FakeFleet:
         await self._enter("ranker_status", url)
         r = self.rankers[url]
         return RankerStatus(r.model, r.active, dict(r.split), tuple(
-            RankerVersion(v, self.fingerprints[v], s, r.split.get(v, 0.0))
+            RankerVersion(v, self.fingerprints[v], s, r.split.get(v, 0.0), seq=r.seqs.get(v, 0))
             for v, s in r.versions.items()))
 
     async def ranker_load(self, url: str, version: str) -> None:
@@ -172,7 +179,7 @@ class FakeFleet:
         r = self.rankers[url]
         for v, share in r.split.items():
             n = round(self.requests_per_scrape * share)
-            b = self.behavior[v]
+            b = self.behavior_at_seq.get(r.seqs.get(v, 0), self.behavior[v])
             errors = round(n * b.error_rate)
             if n - errors:
                 r.requests.labels(v, "200").inc(n - errors)
@@ -217,6 +224,33 @@ class FakeFleet:
                 self.violations.append(f"{addr}: unloaded {version} while {url} still holds it")
         self.shards[addr].pop(version, None)
         return ShardVersion(model, version, state="absent")
+
+    async def ranker_set_seq(self, url: str, version: str, seq: int) -> None:
+        await self._enter("ranker_set_seq", url)
+        r = self.rankers[url]
+        if version not in r.versions:
+            raise FleetError(url, f"HTTP 404: {version} not loaded", status=404)
+        r.seqs[version] = seq
+        self._check()
+
+    async def shard_apply_deltas(self, addr: str, model: str, version: str, seq: int,
+                                 fingerprint: str) -> ShardVersion:
+        await self._enter("shard_apply_deltas", addr)
+        sv = self.shards[addr].get(version)
+        if sv is None or sv.state != "ready":
+            raise FleetError(addr, f"ApplyDeltas: FAILED_PRECONDITION: {version} not loaded",
+                             reason="version_not_loaded")
+        bad = [s for s in sorted(self.refuse) if sv.applied_seq < s <= seq]
+        if bad and seq not in sv.readable_seqs:
+            raise FleetError(addr, f"ApplyDeltas: FAILED_PRECONDITION: {self.refuse[bad[0]]}",
+                             reason="delta_refused")
+        # The contract: seq becomes the most recently applied; the K newest stay readable.
+        readable = [s for s in sv.readable_seqs if s != seq] + [seq]
+        sv = replace(sv, readable_seqs=tuple(sorted(readable[-self.readable_k:])),
+                     applied_seq=seq, overlay_bytes=seq)
+        self.shards[addr][version] = sv
+        self._check()
+        return sv
 
     async def close(self) -> None:
         return None

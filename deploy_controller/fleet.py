@@ -19,12 +19,13 @@ class FleetError(Exception):
     """A fleet call that failed; `retryable` says whether trying again may help."""
 
     def __init__(self, server: str, message: str, *, retryable: bool = False,
-                 status: int | None = None) -> None:
+                 status: int | None = None, reason: str = "") -> None:
         super().__init__(f"{server}: {message}")
         self.server = server
         self.message = message
         self.retryable = retryable
         self.status = status
+        self.reason = reason  # a shard's x-embedding-reason (delta_refused, ...), if any
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class RankerVersion:
     traffic_share: float = 0.0
     in_flight: int = 0
     requests_total: int = 0
+    seq: int = 0  # the delta seq the ranker reads this version at
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class RankerStatus:
                               state=str(v.get("state", "loaded")),
                               traffic_share=float(v.get("traffic_share", 0.0)),
                               in_flight=int(v.get("in_flight", 0)),
-                              requests_total=int(v.get("requests_total", 0)))
+                              requests_total=int(v.get("requests_total", 0)),
+                              seq=int(v.get("seq", 0)))
                 for v in d.get("versions", [])))
 
 
@@ -84,6 +87,9 @@ class ShardVersion:
     bytes: int = 0
     error: str = ""
     in_flight: int = 0
+    readable_seqs: tuple[int, ...] = (0,)  # delta seqs lookups may name
+    applied_seq: int = 0  # the newest seq applied
+    overlay_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class Fleet(Protocol):
 
     async def ranker_metrics(self, url: str) -> str: ...
 
+    async def ranker_set_seq(self, url: str, version: str, seq: int) -> None: ...
+
     async def shard_versions(self, addr: str, model: str) -> list[ShardVersion]: ...
 
     async def shard_check_fit(self, addr: str, model: str, version: str) -> Fit: ...
@@ -123,6 +131,9 @@ class Fleet(Protocol):
 
     async def shard_unload(self, addr: str, model: str, version: str,
                            drain_timeout_s: float) -> ShardVersion: ...
+
+    async def shard_apply_deltas(self, addr: str, model: str, version: str, seq: int,
+                                 fingerprint: str) -> ShardVersion: ...
 
     async def close(self) -> None: ...
 
@@ -164,6 +175,9 @@ class RemoteFleet:
     async def ranker_metrics(self, url: str) -> str:
         return await self._rankers.metrics(url)
 
+    async def ranker_set_seq(self, url: str, version: str, seq: int) -> None:
+        await self._rankers.set_seq(url, version, seq)
+
     async def shard_versions(self, addr: str, model: str) -> list[ShardVersion]:
         return await self._shards.versions(addr, model)
 
@@ -176,6 +190,10 @@ class RemoteFleet:
     async def shard_unload(self, addr: str, model: str, version: str,
                            drain_timeout_s: float) -> ShardVersion:
         return await self._shards.unload(addr, model, version, drain_timeout_s)
+
+    async def shard_apply_deltas(self, addr: str, model: str, version: str, seq: int,
+                                 fingerprint: str) -> ShardVersion:
+        return await self._shards.apply_deltas(addr, model, version, seq, fingerprint)
 
     async def close(self) -> None:
         await self._rankers.close()

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy_controller.state import ACTIVE_STATUSES, FIRST, Outcome, Status, Step, status_for
+from deploy_controller.state import (
+    ACTIVE_STATUSES,
+    FIRST,
+    Kind,
+    Outcome,
+    Phase,
+    Status,
+    Step,
+    status_for,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -55,10 +64,44 @@ CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_rollout ON events(rollout_id, seq);
+-- Delta streams (delta_journal.py): per model the version whose deltas it follows and the
+-- committed seq; per operation (advance | revert) its current step, like a rollout's.
+CREATE TABLE IF NOT EXISTS delta_streams (
+    model TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    committed_seq INTEGER NOT NULL DEFAULT 0,
+    committed_at REAL,
+    written_at REAL,                  -- the committed delta's manifest written_at
+    paused TEXT NOT NULL DEFAULT '',  -- '' following | operator | refused | gate | failed
+    pause_reason TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS delta_ops (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    kind TEXT NOT NULL,               -- advance | revert
+    from_seq INTEGER NOT NULL,
+    to_seq INTEGER NOT NULL,
+    step TEXT NOT NULL,               -- delta_journal.OpStep
+    status TEXT NOT NULL,             -- running | committed | rolled_back | failed
+    reason TEXT NOT NULL DEFAULT '',
+    reason_code TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}',  -- JSON: the current step's begin detail
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_running_delta_op_per_model
+    ON delta_ops(model) WHERE status = 'running';
 """
 
 
-class ActiveRolloutError(Exception):
+class ModelBusyError(Exception):
+    """Another operation (a rollout or a delta advance) is acting on this model."""
+
+
+class ActiveRolloutError(ModelBusyError):
     """A rollout of this model is already running; `rollout_id` names it."""
 
     def __init__(self, model: str, rollout_id: str) -> None:
@@ -145,8 +188,14 @@ class Journal:
         with self._lock:
             self._db.close()
 
-    def _tx(self) -> _Tx:
+    def tx(self) -> _Tx:
+        """One IMMEDIATE transaction under the journal's lock (delta_journal.py's writes)."""
         return _Tx(self)
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """A read under the journal's lock."""
+        with self._lock:
+            return list(self._db.execute(sql, tuple(args)).fetchall())
 
     # ------------------------------------------------------------------ writes
 
@@ -155,12 +204,17 @@ class Journal:
         """Insert a new running rollout; ActiveRolloutError if the model has one."""
         rid = "r-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         now = time.time()
-        with self._tx() as db:
+        with self.tx() as db:
             row = db.execute(
                 "SELECT id FROM rollouts WHERE model = ? AND status IN ('running', 'rolling_back')",
                 (model,)).fetchone()
             if row is not None:
                 raise ActiveRolloutError(model, row["id"])
+            op = db.execute("SELECT id, kind, to_seq FROM delta_ops WHERE model = ? AND "
+                            "status = 'running'", (model,)).fetchone()
+            if op is not None:
+                raise ModelBusyError(f"model {model!r} has a delta {op['kind']} to seq "
+                                     f"{op['to_seq']} running ({op['id']}); retry when it ends")
             db.execute(
                 "INSERT INTO rollouts (id, model, from_version, to_version, canary, bake_s, status,"
                 " step, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -172,14 +226,14 @@ class Journal:
 
     def begin(self, rollout_id: str, step: Step, detail: dict[str, Any] | None = None) -> None:
         """Record that `step` is about to act on the fleet."""
-        with self._tx() as db:
+        with self.tx() as db:
             self._event(db, rollout_id, step.name, "begin", "", detail)
 
     def end(self, rollout_id: str, step: Step, outcome: Outcome, nxt: Step, *,
             reason: str = "", reason_code: str = "", detail: dict[str, Any] | None = None) -> None:
         """Record `step`'s outcome and move the rollout to `nxt`, atomically."""
         now = time.time()
-        with self._tx() as db:
+        with self.tx() as db:
             self._event(db, rollout_id, step.name, "end", str(outcome), detail)
             sets = "step = ?, status = ?, updated_at = ?"
             args: list[Any] = [nxt.name, str(status_for(nxt)), now]
@@ -194,16 +248,18 @@ class Journal:
                 sets += ", finished_at = ?"
                 args.append(now)
             db.execute(f"UPDATE rollouts SET {sets} WHERE id = ?", (*args, rollout_id))
+            if nxt.terminal and (nxt.kind is Kind.SUCCEEDED or step.phase is Phase.RETIRE):
+                _restart_stream(db, rollout_id, now)
 
     def note(self, rollout_id: str, step: Step, event: str,
              detail: dict[str, Any] | None = None) -> None:
         """Append a non-step event (resume, recover decisions)."""
-        with self._tx() as db:
+        with self.tx() as db:
             self._event(db, rollout_id, step.name, event, "", detail)
 
     def request_abort(self, rollout_id: str, reason: str) -> None:
         """Persist an abort request so that a restart still honours it."""
-        with self._tx() as db:
+        with self.tx() as db:
             row = db.execute("SELECT step FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             if row is None:
                 raise KeyError(rollout_id)
@@ -272,6 +328,23 @@ def read_rollouts(path: Path) -> list[Rollout]:
         db.close()
 
 
+def _restart_stream(db: sqlite3.Connection, rollout_id: str, now: float) -> None:
+    """The rollout's new version now serves everything: its delta stream starts at seq 0.
+
+    In the transaction that ends the rollout, so a crash cannot leave the new version
+    paired with the old one's committed seq. An operator's pause outlives the rollout.
+    """
+    r = db.execute("SELECT model, to_version FROM rollouts WHERE id = ?",
+                   (rollout_id,)).fetchone()
+    db.execute(
+        "INSERT INTO delta_streams (model, version, committed_seq, updated_at) VALUES (?, ?, 0, ?)"
+        " ON CONFLICT(model) DO UPDATE SET version = excluded.version, committed_seq = 0,"
+        " committed_at = NULL, written_at = NULL, updated_at = excluded.updated_at,"
+        " paused = CASE WHEN paused = 'operator' THEN paused ELSE '' END,"
+        " pause_reason = CASE WHEN paused = 'operator' THEN pause_reason ELSE '' END",
+        (r["model"], r["to_version"], now))
+
+
 def _events(db: sqlite3.Connection, rollout_id: str) -> list[Event]:
     rows = db.execute("SELECT * FROM events WHERE rollout_id = ? ORDER BY seq",
                       (rollout_id,)).fetchall()
@@ -280,7 +353,7 @@ def _events(db: sqlite3.Connection, rollout_id: str) -> list[Event]:
 
 
 class _Tx:
-    """`with journal._tx() as db:` one IMMEDIATE transaction under the journal's lock."""
+    """`with journal.tx() as db:` one IMMEDIATE transaction under the journal's lock."""
 
     def __init__(self, journal: Journal) -> None:
         self._j = journal

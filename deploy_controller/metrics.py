@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from deploy_controller.state import Phase
 
@@ -33,7 +38,8 @@ class ControllerMetrics:
 
         self.reconcile_repairs = Counter(
             "deploy_controller_reconcile_repairs", "Servers repaired toward the desired state, "
-            "by kind (shard_load, ranker_load, ranker_prepare, ranker_split)", ["kind"],
+            "by kind (shard_load, shard_seq, ranker_load, ranker_prepare, ranker_split, "
+            "ranker_seq)", ["kind"],
             registry=self.registry)
         self.reconcile_errors = Counter(
             "deploy_controller_reconcile_errors", "Reconcile calls that failed (server "
@@ -45,5 +51,35 @@ class ControllerMetrics:
             "deploy_controller_reconcile_last_timestamp_seconds",
             "Unix time of the last reconcile pass", registry=self.registry)
 
+        self.delta_committed_seq = Gauge(
+            "deploy_delta_committed_seq", "The model's committed delta seq (of its serving "
+            "version; 0 = the version's own rows)", ["model"], registry=self.registry)
+        self.delta_advances = Counter(
+            "deploy_delta_advances", "Delta operations that ended, by outcome (committed, "
+            "reverted, refused, gate_failed, failed)", ["outcome"], registry=self.registry)
+        self._written_at: Callable[[], dict[str, float]] = dict
+        self.registry.register(_Freshness(lambda: self._written_at()))
+
+    def freshness_from(self, written_at: Callable[[], dict[str, float]]) -> None:
+        """Where the freshness lag comes from: model -> written_at of its committed delta."""
+        self._written_at = written_at
+
     def set_phase(self, model: str, phase: Phase | None) -> None:
         self.phase.labels(model).set(0 if phase is None or phase is Phase.DONE else int(phase))
+
+
+class _Freshness(Collector):
+    """deploy_delta_freshness_lag_seconds, computed at scrape time (it grows between
+    commits, so a gauge set at commit would read 0 until the next one)."""
+
+    def __init__(self, written_at: Callable[[], dict[str, float]]) -> None:
+        self._written_at = written_at
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("deploy_delta_freshness_lag_seconds", "Seconds since the "
+                              "committed delta of the model was written (now - written_at)",
+                              labels=["model"])
+        now = time.time()
+        for model, at in sorted(self._written_at().items()):
+            g.add_metric([model], max(0.0, now - at))
+        yield g

@@ -1,7 +1,8 @@
 """Client of a ranker's HTTP admin API (bearer token), one base URL per call.
 
 Contract (ranker_server): GET/POST /admin/v1/versions, POST .../{v}/prepare,
-POST .../{v}/activate, PUT /admin/v1/split, DELETE .../{v}?timeout_s=, GET /metrics.
+POST .../{v}/activate, PUT /admin/v1/split, DELETE .../{v}?timeout_s=, GET /metrics,
+PUT .../{v}/seq {"seq": s} (the delta seq the ranker reads v at).
 Errors become FleetError; connection failures, 5xx and 409 (still busy: in-flight
 requests, a shard not ready yet) are retryable, other 4xx are not.
 """
@@ -82,6 +83,10 @@ class RankerAdmin:
         except FleetError as e:
             if e.status != 404:  # already gone: unloading is idempotent
                 raise
+
+    async def set_seq(self, url: str, version: str, seq: int) -> None:
+        await self._call("PUT", url, f"/admin/v1/versions/{quote(version)}/seq",
+                         json={"seq": seq})
 
     async def metrics(self, url: str) -> str:
         resp = await self._call("GET", url, "/metrics", timeout_s=10.0)

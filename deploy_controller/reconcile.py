@@ -5,7 +5,8 @@ covers what that cannot: a server started without the file (or before the contro
 wrote it), a version lost by hand, a ranker whose prepare kept failing. Every few
 seconds it compares every shard replica's ListVersions and every ranker's
 /admin/v1/versions with the desired state and asks only for what is missing:
-LoadVersion on a replica, load + prepare + activate/split on a ranker. It never
+LoadVersion on a replica, load + prepare + activate/split on a ranker, and the committed
+delta seq (ApplyDeltas on a replica that cannot read it, then the ranker's seq). It never
 unloads anything (retire and rollback steps do that, journaled).
 
 It must not fight a rollout: the executor holds the model's lock while a step acts on
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy_controller.fleet import Fleet, RankerStatus
+from deploy_controller.fleet import Fleet, RankerStatus, ShardVersion
 from deploy_controller.metrics import ControllerMetrics
 from modelpack.desired import DesiredModel
 
@@ -142,7 +143,10 @@ class Reconciler:
                 return
             for v in want.versions:
                 sv = held.get(v)
-                if sv is not None and sv.state in ("ready", "loading"):
+                if sv is not None and sv.state == "ready":
+                    await self._seq(p, addr, model, v, sv, want.delta_seq(v))
+                    continue
+                if sv is not None and sv.state == "loading":
                     continue  # loading: its own LoadVersion (startup or a step) finishes it
                 p.drift.append(f"shard {addr} lacks {model}/{v}"
                                + (f" ({sv.state})" if sv is not None else ""))
@@ -158,6 +162,20 @@ class Reconciler:
                                     f"{got.error}")
 
         await asyncio.gather(*(one(a) for a in addrs))
+
+    async def _seq(self, p: Pass, addr: str, model: str, version: str, sv: ShardVersion,
+                   seq: int) -> None:
+        """A replica that cannot read the committed delta seq applies it (deltas 1..seq)."""
+        if seq in sv.readable_seqs:
+            return
+        p.drift.append(f"shard {addr} reads {model}/{version} at {list(sv.readable_seqs)}, "
+                       f"committed seq {seq}")
+        try:
+            await self.fleet.shard_apply_deltas(addr, model, version, seq, "")
+        except Exception as e:
+            self._failed(p, f"ApplyDeltas {model}/{version} seq {seq} on {addr}", e)
+            return
+        self._repaired(p, "shard_seq", f"applied {model}/{version} seq {seq} on shard {addr}")
 
     async def _rankers(self, p: Pass, model: str, want: DesiredModel, urls: list[str]) -> None:
         async def one(url: str) -> None:
@@ -178,6 +196,13 @@ class Reconciler:
                         p.drift.append(f"ranker {url}: {v} not prepared")
                         await self.fleet.ranker_prepare(url, v)
                         self._repaired(p, "ranker_prepare", f"prepared {v} on ranker {url}")
+                    held = st.get(v)
+                    if held is not None and held.seq != want.delta_seq(v):
+                        p.drift.append(f"ranker {url} reads {v} at seq {held.seq}, committed "
+                                       f"{want.delta_seq(v)}")
+                        await self.fleet.ranker_set_seq(url, v, want.delta_seq(v))
+                        self._repaired(p, "ranker_seq", f"seq {want.delta_seq(v)} of {v} on "
+                                       f"ranker {url}")
                 if not _split_is(st, want.split) or st.active is None:
                     p.drift.append(f"ranker {url} splits {st.split}, desired {want.split}")
                     if len(want.split) == 1:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from deploy_controller.delta_journal import DeltaOp, OpStep
 from deploy_controller.journal import Journal, Rollout
 from deploy_controller.metrics import ControllerMetrics
 from deploy_controller.state import Kind, Outcome, Phase, Status, next_step
@@ -66,6 +67,26 @@ def decide(r: Rollout, now: float, max_unsupervised_s: float) -> Decision:
                         interrupted)
     what = f"re-running interrupted {r.step.name}" if interrupted else f"starting {r.step.name}"
     return Decision(RESUME, f"{what}: phase 1/2 steps are idempotent", interrupted)
+
+
+@dataclass(frozen=True)
+class DeltaDecision:
+    action: str  # resume | rollback
+    why: str
+    step: OpStep  # the step to run on
+
+
+def decide_delta(op: DeltaOp, now: float, max_unsupervised_s: float) -> DeltaDecision:
+    """A delta operation left running: resume its step (all are idempotent), unless
+    rankers may have read the new seq with no gate watching for longer than
+    `max_unsupervised_s` (an advance whose rankers step had begun): then revert them."""
+    down_s = now - op.updated_at
+    moved = op.kind == "advance" and op.detail.get("began") in (OpStep.RANKERS, OpStep.GATE)
+    if moved and op.step in (OpStep.RANKERS, OpStep.GATE) and down_s > max_unsupervised_s:
+        return DeltaDecision(ROLLBACK, f"rankers may have read seq {op.to_seq} unsupervised "
+                             f"for {down_s:.0f} s (> {max_unsupervised_s:g} s) while the "
+                             "controller was down", OpStep.REVERT)
+    return DeltaDecision(RESUME, f"re-running {op.step}: delta steps are idempotent", op.step)
 
 
 def recover(journal: Journal, now: float, max_unsupervised_s: float,

@@ -20,14 +20,26 @@ _STATE = {
     pb.VERSION_STATE_UNLOADING: "unloading",
     pb.VERSION_STATE_FAILED: "failed",
 }
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+# ApplyDeltas' RESOURCE_EXHAUSTED means "over the memory budget": trying again cannot help.
+_APPLY_RETRYABLE = _RETRYABLE - {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def _version(v: pb.VersionInfo) -> ShardVersion:
     return ShardVersion(model=v.model, version=v.version, fingerprint=v.fingerprint,
                         state=_STATE.get(v.state, "unknown"), bytes=v.bytes, error=v.error,
-                        in_flight=v.in_flight)
+                        in_flight=v.in_flight,
+                        readable_seqs=tuple(int(s) for s in v.readable_seqs) or (0,),
+                        applied_seq=int(v.applied_seq), overlay_bytes=int(v.overlay_bytes))
+
+
+def _reason(e: grpc.aio.AioRpcError) -> str:
+    """The server's x-embedding-reason trailer (delta_refused, version_not_loaded, ...)."""
+    for key, value in e.trailing_metadata() or ():
+        if key == "x-embedding-reason":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
 
 
 class ShardAdmin:
@@ -47,9 +59,10 @@ class ShardAdmin:
             await ch.close()
         self._channels.clear()
 
-    def _error(self, addr: str, what: str, e: grpc.aio.AioRpcError) -> FleetError:
+    def _error(self, addr: str, what: str, e: grpc.aio.AioRpcError,
+               retryable: frozenset[grpc.StatusCode] = _RETRYABLE) -> FleetError:
         return FleetError(addr, f"{what}: {e.code().name}: {e.details()}",
-                          retryable=e.code() in _RETRYABLE)
+                          retryable=e.code() in retryable, reason=_reason(e))
 
     async def versions(self, addr: str, model: str) -> list[ShardVersion]:
         try:
@@ -89,4 +102,19 @@ class ShardAdmin:
             if e.code() == grpc.StatusCode.NOT_FOUND:  # already gone: unloading is idempotent
                 return ShardVersion(model=model, version=version, state="absent")
             raise self._error(addr, f"UnloadVersion {model}/{version}", e) from None
+        return _version(info)
+
+    async def apply_deltas(self, addr: str, model: str, version: str, seq: int,
+                           fingerprint: str) -> ShardVersion:
+        try:
+            info = await self._stub(addr).ApplyDeltas(
+                pb.ApplyDeltasRequest(model=model, version=version, seq=seq,
+                                      fingerprint=fingerprint),
+                timeout=self._timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            err = self._error(addr, f"ApplyDeltas {model}/{version} seq {seq}", e,
+                              _APPLY_RETRYABLE)
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not err.reason:
+                err.reason = "over_budget"
+            raise err from None
         return _version(info)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from deploy_controller.config import ControllerConfig
 from deploy_controller.discovery import Topology
 from deploy_controller.fleet import Fleet, FleetError, RankerStatus, ShardVersion
+from deploy_controller.gates import Scrape, parse_metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,15 +59,20 @@ class Ctx:
             raise Aborted()
 
 
-async def call(ctx: Ctx, code: str, fn: Callable[[], Awaitable[T]]) -> T:
-    """One server call, retried with backoff while its failure is retryable."""
+async def call(ctx: Ctx, code: str, fn: Callable[[], Awaitable[T]], *,
+               by_reason: bool = False) -> T:
+    """One server call, retried with backoff while its failure is retryable.
+
+    by_reason: a failure the server gave a reason for (delta_refused, ...) fails the step
+    with that reason as its code instead of `code`.
+    """
     delay = ctx.cfg.retry_backoff_s
     for attempt in range(1, ctx.cfg.step_attempts + 1):
         try:
             return await fn()
         except FleetError as e:
             if not e.retryable or attempt == ctx.cfg.step_attempts:
-                raise StepFailed(code, str(e)) from None
+                raise StepFailed(e.reason if by_reason and e.reason else code, str(e)) from None
             log.warning("retrying after %s (attempt %d of %d)", e, attempt, ctx.cfg.step_attempts)
         await asyncio.sleep(delay)
         delay *= 2
@@ -88,6 +94,17 @@ async def discover(ctx: Ctx) -> dict[str, RankerStatus]:
         raise StepFailed("discovery", f"no ranker serves model {ctx.model!r}")
     ctx.rankers = list(mine)
     return mine
+
+
+async def scrape_rankers(ctx: Ctx) -> dict[str, Scrape]:
+    """Every ranker's /metrics (of ctx.rankers, found by discover), parsed for the gates."""
+    texts = await asyncio.gather(*(call(ctx, "metrics_unavailable",
+                                        lambda u=u: ctx.fleet.ranker_metrics(u))  # type: ignore[misc]
+                                   for u in ctx.rankers))
+    try:
+        return {u: parse_metrics(t) for u, t in zip(ctx.rankers, texts, strict=True)}
+    except ValueError as e:
+        raise StepFailed("metrics_unavailable", f"unparsable /metrics: {e}") from None
 
 
 async def _replicas(ctx: Ctx, code: str, fn: Callable[[str], Awaitable[T]]) -> list[T]:

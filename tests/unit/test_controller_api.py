@@ -182,7 +182,8 @@ def test_command_line_maps_onto_the_config(tmp_path: Path, monkeypatch: pytest.M
     ("unload_old_rankers", "refused"), ("unload_old_shards", "refused"),
     ("rollback_traffic", "noop"), ("unload_new_shards", "noop"), ("bake:1", "abort")])
 def test_abort_by_phase(tmp_path: Path, controller_config: MakeConfig, step: str, outcome: str) -> None:
-    from deploy_controller.controller import Controller, ControllerError
+    from deploy_controller.controller import Controller
+    from deploy_controller.errors import ControllerError
     from deploy_controller.journal import Journal
     from deploy_controller.state import Kind, Outcome, Step
 
