@@ -205,8 +205,10 @@ class EmbeddingClient:
     def _tries_for_seq(self, k: int) -> int:
         """How many replicas of shard k a seq_not_applied lookup may be tried on."""
         if self._streams:
-            return self._streams[k].size
-        return max(len(self.replicas[k]), 2)  # a dns:/// target: at least one sibling
+            return self._streams[k].size  # each slot once: the refusing ones are skipped
+        # Unary cannot pick the replica; round_robin moves on at each call, but only over
+        # connected ones: twice the replicas (a dns:/// target: at least one sibling).
+        return 2 * max(len(self.replicas[k]), 2)
 
     async def _attempt(self, k: int, request: pb.LookupRequest, timeout_s: float,
                        avoid: set[int]) -> pb.LookupResponse:
@@ -247,6 +249,8 @@ class EmbeddingClient:
                     if self.on_seq_not_applied is not None:
                         self.on_seq_not_applied(k)
                     if len(seq_refusals) < self._tries_for_seq(k):
+                        if not self._streams:  # let round_robin connect the others
+                            await asyncio.sleep(min(0.005 * len(seq_refusals), 0.02))
                         continue
                 elif seq_refusals and e.code == grpc.StatusCode.UNAVAILABLE:
                     # The replicas that did not refuse it are down: the shard cannot read it.
