@@ -83,7 +83,8 @@ class DeltaRunner:
                 self._next(op, step, OpStep.RANKERS)
             elif step is OpStep.RANKERS:
                 self._begin(op, step, await self._baseline(ctx, op))
-                await delta_steps.set_rankers(ctx, op.version, op.to_seq)
+                await delta_steps.set_rankers(ctx, op.version, op.to_seq,
+                                              str(op.detail.get("fingerprint", "")))
                 gated = op.kind == "advance" and self.cfg.delta_gate_s > 0
                 self._next(op, step, OpStep.GATE if gated else OpStep.COMMIT)
             elif step is OpStep.GATE:

@@ -76,8 +76,9 @@ async def apply(ctx: Ctx, version: str, seq: int, fingerprint: str, keep: int
     return {"replicas": len(after), **({"dropped_keep": dropped} if dropped else {})}
 
 
-async def set_rankers(ctx: Ctx, version: str, seq: int) -> dict[str, Any]:
-    """Every ranker of the model reads `version` at `seq`, confirmed by listing."""
+async def set_rankers(ctx: Ctx, version: str, seq: int, fingerprint: str = "") -> dict[str, Any]:
+    """Every ranker of the model reads `version` at `seq`, confirmed by listing (each
+    ranker checks delta `seq`'s fingerprint in its own store when one is given)."""
     statuses = await steps.discover(ctx)
     for url, st in statuses.items():
         v = st.get(version)
@@ -85,7 +86,7 @@ async def set_rankers(ctx: Ctx, version: str, seq: int) -> dict[str, Any]:
             raise StepFailed("ranker_lacks_version", f"ranker {url} does not hold {version}")
         if v.seq != seq:
             await steps.call(ctx, "ranker_seq_failed", lambda u=url: ctx.fleet.ranker_set_seq(  # type: ignore[misc]
-                u, version, seq))
+                u, version, seq, fingerprint))
     statuses = await steps.discover(ctx)
     off = [f"{u} at {v.seq}" for u, st in statuses.items()
            if (v := st.get(version)) is not None and v.seq != seq]

@@ -158,7 +158,8 @@ class DeltaStreams:
     async def follow_once(self) -> list[DeltaOp]:
         """One look at every model's delta directory; returns the advances it started."""
         started = []
-        for model in sorted(set(self.models()) | {s.model for s in self.dj.streams()}):
+        known = set(self.models()) | {s.model for s in self.dj.streams()}
+        for model in sorted(known or await self._ranker_models()):
             if self.dj.running(model) or self.journal.active(model):
                 continue
             try:
@@ -176,6 +177,17 @@ class DeltaStreams:
             elif got.error is not None:
                 self._refused(st, got.error)
         return started
+
+    async def _ranker_models(self) -> set[str]:
+        """The models the rankers serve: where streams start before any rollout."""
+        try:
+            topo = await self.fleet.topology()
+            got = await asyncio.gather(*(self.fleet.ranker_status(u) for u in topo.rankers),
+                                       return_exceptions=True)
+        except Exception as e:
+            self.errors[""] = f"discovery: {e}"
+            return set()
+        return {s.model for s in got if not isinstance(s, BaseException)}
 
     # ------------------------------------------------------------------ operations
 

@@ -225,7 +225,8 @@ class FakeFleet:
         self.shards[addr].pop(version, None)
         return ShardVersion(model, version, state="absent")
 
-    async def ranker_set_seq(self, url: str, version: str, seq: int) -> None:
+    async def ranker_set_seq(self, url: str, version: str, seq: int,
+                             fingerprint: str = "") -> None:
         await self._enter("ranker_set_seq", url)
         r = self.rankers[url]
         if version not in r.versions:

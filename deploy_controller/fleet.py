@@ -121,7 +121,8 @@ class Fleet(Protocol):
 
     async def ranker_metrics(self, url: str) -> str: ...
 
-    async def ranker_set_seq(self, url: str, version: str, seq: int) -> None: ...
+    async def ranker_set_seq(self, url: str, version: str, seq: int,
+                             fingerprint: str = "") -> None: ...
 
     async def shard_versions(self, addr: str, model: str) -> list[ShardVersion]: ...
 
@@ -175,8 +176,9 @@ class RemoteFleet:
     async def ranker_metrics(self, url: str) -> str:
         return await self._rankers.metrics(url)
 
-    async def ranker_set_seq(self, url: str, version: str, seq: int) -> None:
-        await self._rankers.set_seq(url, version, seq)
+    async def ranker_set_seq(self, url: str, version: str, seq: int,
+                             fingerprint: str = "") -> None:
+        await self._rankers.set_seq(url, version, seq, fingerprint)
 
     async def shard_versions(self, addr: str, model: str) -> list[ShardVersion]:
         return await self._shards.versions(addr, model)

@@ -2,7 +2,7 @@
 
 Contract (ranker_server): GET/POST /admin/v1/versions, POST .../{v}/prepare,
 POST .../{v}/activate, PUT /admin/v1/split, DELETE .../{v}?timeout_s=, GET /metrics,
-PUT .../{v}/seq {"seq": s} (the delta seq the ranker reads v at).
+PUT .../{v}/seq {"seq": s, "fingerprint"?: f} (the delta seq the ranker reads v at).
 Errors become FleetError; connection failures, 5xx and 409 (still busy: in-flight
 requests, a shard not ready yet) are retryable, other 4xx are not.
 """
@@ -84,9 +84,9 @@ class RankerAdmin:
             if e.status != 404:  # already gone: unloading is idempotent
                 raise
 
-    async def set_seq(self, url: str, version: str, seq: int) -> None:
-        await self._call("PUT", url, f"/admin/v1/versions/{quote(version)}/seq",
-                         json={"seq": seq})
+    async def set_seq(self, url: str, version: str, seq: int, fingerprint: str = "") -> None:
+        body: dict[str, Any] = {"seq": seq} | ({"fingerprint": fingerprint} if fingerprint else {})
+        await self._call("PUT", url, f"/admin/v1/versions/{quote(version)}/seq", json=body)
 
     async def metrics(self, url: str) -> str:
         resp = await self._call("GET", url, "/metrics", timeout_s=10.0)
