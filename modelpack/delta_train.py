@@ -107,12 +107,18 @@ def _emit(vdir: Path, weights: dict[str, Tensor], touched: dict[str, list[np.nda
     return write_delta(vdir, updates, provenance=provenance)
 
 
-def served_auc(vdir: Path, base: Manifest, requests: Sequence[dict[str, Any]],
-               upto: int | None) -> float:
-    """AUC of (V's dense, V's rows + deltas 1..upto) on labelled requests (eval.jsonl)."""
+def served_scores(vdir: Path, base: Manifest, requests: Sequence[dict[str, Any]],
+                  upto: int | None) -> np.ndarray:
+    """Click probabilities of (V's dense, V's rows + deltas 1..upto) for request bodies, concatenated."""
     dense = load_dense(vdir / base.dense.path, base.dense.architecture, base.dense.config)
     model = TrainedModel(served_tables(vdir, base, upto), dense, base.dense.architecture,
                          dict(base.dense.config))
-    labels = np.concatenate([np.asarray(r["labels"], dtype=np.float32) for r in requests])
     bodies = [{k: v for k, v in r.items() if k != "labels"} for r in requests]
-    return auc(labels, score_float(model, base.schema, bodies))
+    return score_float(model, base.schema, bodies)
+
+
+def served_auc(vdir: Path, base: Manifest, requests: Sequence[dict[str, Any]],
+               upto: int | None) -> float:
+    """AUC of (V's dense, V's rows + deltas 1..upto) on labelled requests (eval.jsonl)."""
+    labels = np.concatenate([np.asarray(r["labels"], dtype=np.float32) for r in requests])
+    return auc(labels, served_scores(vdir, base, requests, upto))

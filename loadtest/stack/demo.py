@@ -1,6 +1,7 @@
 """The whole system in one command: a v1 -> v2 rollout under live load, then a summary and a PNG.
 
     python -m loadtest.stack.demo [--store demo_store] [--out build/demo] [--duration 60]
+    python -m loadtest.stack.demo --scenario fresh [...]   (delta freshness: loadtest/stack/fresh.py)
 
 1. builds the demo model store if it is missing (reuses it when every checksum verifies);
 2. starts 2 embedding shards, a ranker and the deploy controller on loopback
@@ -257,8 +258,18 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--scenario", choices=["rollout", "fresh"], default="rollout")
+    chosen, rest = pick.parse_known_args(argv)
+    if chosen.scenario == "fresh":
+        from loadtest.stack import fresh
+
+        return fresh.main(rest)
     p = argparse.ArgumentParser(prog="python -m loadtest.stack.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", choices=["rollout", "fresh"], default="rollout",
+                   help="rollout: v1 -> v2 under load (default); fresh: v1 + deltas "
+                        "(python -m loadtest.stack.demo --scenario fresh --help)")
     p.add_argument("--store", type=Path, default=Path("demo_store"), help="model store")
     p.add_argument("--out", type=Path, default=Path("build/demo"),
                    help="run directory: logs, Locust CSVs, journal, report.png, summary.txt")

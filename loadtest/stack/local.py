@@ -65,6 +65,8 @@ class StackConfig:
     """Embedding shards (must match the store's shard files)."""
     replicas: tuple[int, ...] = ()
     """Replicas per shard (default 1 each); (2, 1) gives shard 0 two replicas."""
+    rankers: int = 1
+    """Rankers, each reaching every replica of every shard (all in the controller's fleet)."""
     controller: bool = True
     """Also start the deploy controller."""
     fixed_ports: bool = False
@@ -94,7 +96,7 @@ class LocalStack:
     config: StackConfig
     token_dir: Path | None = None
     shards: list[list[ServerProcess]] = field(default_factory=list)
-    ranker: ServerProcess | None = None
+    rankers: list[ServerProcess] = field(default_factory=list)
     controller: ServerProcess | None = None
     detach: bool = False
     """Start every server in its own session, so it outlives this process (`make up`)."""
@@ -120,10 +122,19 @@ class LocalStack:
         return self.config.run_dir / "journal.sqlite"
 
     @property
+    def ranker(self) -> ServerProcess | None:
+        """The first ranker (the only one unless `rankers` > 1)."""
+        return self.rankers[0] if self.rankers else None
+
+    @property
     def ranker_url(self) -> str:
         if self.ranker is None:
             raise StackError("ranker not started")
         return f"http://{self.ranker.address}"
+
+    @property
+    def ranker_urls(self) -> list[str]:
+        return [f"http://{r.address}" for r in self.rankers]
 
     @property
     def controller_url(self) -> str:
@@ -137,8 +148,7 @@ class LocalStack:
 
     def _by_module(self) -> list[tuple[str, ServerProcess]]:
         out = [("embedding_server", p) for reps in self.shards for p in reps]
-        if self.ranker is not None:
-            out.append(("ranker_server", self.ranker))
+        out += [("ranker_server", r) for r in self.rankers]
         if self.controller is not None:
             out.append(("deploy_controller", self.controller))
         return out
@@ -198,13 +208,14 @@ class LocalStack:
         for p in self.procs():
             p.wait_ready(cfg.startup_timeout_s)
         addrs = [[p.address for p in reps] for reps in self.shards]
-        # Assigned before waiting, so that stop() also takes down one that never got ready.
-        self.ranker = self._server(
-            "ranker_server", "ranker",
-            ranker_args(store, cfg.model, cfg.version, addrs, self.token_file,
-                        *cfg.ranker_extra), "ranker", ready=http_ready).start()
-        self.ranker.wait_ready(cfg.startup_timeout_s)
-        self.fleet_file.write_text(fleet_json([self.ranker_url], addrs))
+        for i in range(max(1, cfg.rankers)):  # appended before waiting: stop() takes down
+            self.rankers.append(self._server(  # one that never got ready
+                "ranker_server", "ranker" if cfg.rankers <= 1 else f"ranker{i}",
+                ranker_args(store, cfg.model, cfg.version, addrs, self.token_file,
+                            *cfg.ranker_extra), "ranker", i, http_ready).start())
+        for proc in self.rankers:
+            proc.wait_ready(cfg.startup_timeout_s)
+        self.fleet_file.write_text(fleet_json(self.ranker_urls, addrs))
         if cfg.controller:
             self.controller = self._server(
                 "deploy_controller", "controller",
@@ -212,8 +223,8 @@ class LocalStack:
                                 *cfg.controller_extra),
                 "controller", ready=lambda s: http_ready(s, "/healthz")).start()
             self.controller.wait_ready(cfg.startup_timeout_s)
-        log.info("stack up in %.1f s: ranker %s, shards %s%s", time.monotonic() - t0,
-                 self.ranker.address, addrs,
+        log.info("stack up in %.1f s: rankers %s, shards %s%s", time.monotonic() - t0,
+                 [r.address for r in self.rankers], addrs,
                  f", controller {self.controller.address}" if self.controller else "")
 
     def stop(self, timeout: float = 20.0) -> dict[str, int]:
