@@ -3,7 +3,7 @@
 Real processes: a supervisor and two workers on a tiny store (--local-tables, CPU). A
 load, a prepare and a split reach every worker; a worker that does not take a change
 (SIGSTOPped) is killed and comes back in step; a SIGKILLed worker comes back with the
-group's versions and split; the group is not ready meanwhile; SIGTERM drains them all.
+group's versions, split and delta seqs; the group is not ready meanwhile; SIGTERM drains them all.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from loadtest.harness.process import ServerProcess
+from modelpack.delta_write import write_delta
 from tests.helpers_store import tiny_request, tiny_version
 
 pytestmark = pytest.mark.slow
@@ -38,6 +40,7 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     store = tmp_path_factory.mktemp("store")
     for i, v in enumerate(("v1", "v2"), start=1):
         tiny_version(store, v, seed=i)
+    write_delta(store / "tiny" / "v2", {"cats": ([3], np.full((1, 16), 0.5, np.float32))})
     (store / "token").write_text(TOKEN)
     s = ServerProcess.module(
         "ranker_server", "--store", str(store), "--model", "tiny", "--version", "v1",
@@ -62,11 +65,19 @@ def _workers(s: ServerProcess) -> list[dict[str, Any]]:
     return list(r.json()["workers"])
 
 
-def _own_split(w: dict[str, Any]) -> dict[str, float]:
-    """A worker's split, asked on its private admin port."""
+def _own_listing(w: dict[str, Any]) -> dict[str, Any]:
+    """A worker's versions, asked on its private admin port."""
     r = httpx.get(f"http://127.0.0.1:{w['admin_port']}/admin/v1/versions", headers=AUTH,
                   timeout=10)
-    return dict(r.json()["split"])
+    return dict(r.json())
+
+
+def _own_split(w: dict[str, Any]) -> dict[str, float]:
+    return dict(_own_listing(w)["split"])
+
+
+def _own_seqs(w: dict[str, Any]) -> dict[str, int]:
+    return {v["version"]: v["seq"] for v in _own_listing(w)["versions"]}
 
 
 def _wait(pred: Any, timeout: float, what: str) -> None:
@@ -116,6 +127,11 @@ def test_every_worker_serves_and_takes_every_admin_change(group: ServerProcess) 
     for w in _workers(group):  # every worker, asked directly: the same split
         assert w["ready"] and w["synced"] and _own_split(w) == {"v1": 0.5, "v2": 0.5}, w
     assert _rank_versions(group, 30) == {"v1", "v2"}
+    r = _admin(group, "PUT", "/versions/v2/seq", json={"seq": 1})
+    assert r.status_code == 200 and r.json()["seq"] == 1, r.text
+    assert [_own_seqs(w) for w in _workers(group)] == [{"v1": 0, "v2": 1}] * 2
+    r = _admin(group, "PUT", "/versions/v2/seq", json={"seq": 2})  # no delta 2: none took it
+    assert r.status_code == 422 and "tiny/v2 delta 2" in r.json()["detail"], r.text
     # A refused change (nothing reached any worker) changes nothing and says why.
     r = _admin(group, "PUT", "/split", json={"split": {"v3": 1.0}})
     assert r.status_code == 409 and "v3" in r.json()["detail"]
@@ -154,6 +170,7 @@ def test_a_killed_worker_comes_back_with_the_groups_state(group: ServerProcess) 
     after = _workers(group)
     assert after[0]["pid"] != before[0]["pid"] and after[0]["synced"]
     assert _admin(group, "GET", "/versions").json()["split"] == {"v2": 1.0}
+    assert _own_seqs(after[0])["v2"] == 1  # back at the group's delta seq
     assert _rank_versions(group, 20) == {"v2"}
     metrics = httpx.get(f"http://127.0.0.1:{group.admin_port}/metrics").text
     assert 'ranker_group_workers{state="ready"} 2' in metrics
