@@ -9,7 +9,6 @@ resumes or rolls it back, see recovery.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from deploy_controller.reconcile import Reconciler
 from deploy_controller.recovery import recover
 from deploy_controller.state import Phase, Status, abortable, validate_canary
 from deploy_controller.steps import Ctx, StepFailed
+from deploy_controller.tasks import Tasks
 from modelpack.schema import SchemaError, check_name
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Controller:
         self.reconciler = Reconciler(fleet, lambda: self.publisher.models, self.executor.lock,
                                      self.metrics, cfg.reconcile_interval_s,
                                      refresh=self.publisher.publish)
-        self._tasks: dict[str, asyncio.Task[Rollout]] = {}
+        self._tasks: Tasks[Rollout] = Tasks("rollout")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -77,32 +77,18 @@ class Controller:
     async def stop(self) -> None:
         await self.reconciler.stop()
         await self.deltas.stop()
-        tasks = list(self._tasks.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.cancel()
 
     async def wait(self, rollout_id: str) -> Rollout:
         """Until the rollout's task ends (tests and the CLI's in-process uses)."""
-        task = self._tasks.get(rollout_id)
-        if task is not None:
-            await asyncio.wait({task})
+        await self._tasks.wait(rollout_id)
         got = self.journal.get(rollout_id)
         if got is None:
             raise ControllerError(404, f"no rollout {rollout_id}")
         return got
 
     def _spawn(self, rollout_id: str) -> None:
-        task = asyncio.create_task(self.executor.run(rollout_id), name=f"rollout-{rollout_id}")
-        self._tasks[rollout_id] = task
-
-        def done(t: asyncio.Task[Rollout]) -> None:
-            self._tasks.pop(rollout_id, None)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("rollout %s task died: %r", rollout_id, t.exception())
-
-        task.add_done_callback(done)
+        self._tasks.spawn(rollout_id, self.executor.run(rollout_id))
 
     # ------------------------------------------------------------------ operations
 
@@ -227,4 +213,4 @@ class Controller:
         return self.journal.history(model, limit)
 
     def running(self) -> list[str]:
-        return list(self._tasks)
+        return self._tasks.keys()

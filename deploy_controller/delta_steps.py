@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ from deploy_controller.gates import (
     window,
 )
 from deploy_controller.steps import Ctx, StepFailed
+
+log = logging.getLogger(__name__)
 
 
 async def replicas(ctx: Ctx, version: str) -> dict[str, ShardVersion | None]:
@@ -73,6 +76,9 @@ async def apply(ctx: Ctx, version: str, seq: int, fingerprint: str, keep: int
         raise StepFailed("not_readable", f"{ctx.model}/{version} seq {seq} not readable on "
                          + "; ".join(missing))
     dropped = [a for a, sv in after.items() if sv is not None and keep not in sv.readable_seqs]
+    if dropped:  # rankers at `keep` now fail over or fail there: moving them on is the cure
+        log.warning("%s/%s seq %d (rankers' seq) no longer readable on %s after applying %d",
+                    ctx.model, version, keep, ", ".join(dropped), seq)
     return {"replicas": len(after), **({"dropped_keep": dropped} if dropped else {})}
 
 

@@ -33,6 +33,7 @@ from deploy_controller.fleet import Fleet
 from deploy_controller.journal import Journal, ModelBusyError
 from deploy_controller.metrics import ControllerMetrics
 from deploy_controller.recovery import decide_delta
+from deploy_controller.tasks import Periodic, Tasks
 from modelpack.delta_read import list_seqs, load_delta_manifest, read_delta
 from modelpack.manifest import read_manifest
 from modelpack.schema import SchemaError, check_name
@@ -91,8 +92,9 @@ class DeltaStreams:
         self.models = models
         self.runner = DeltaRunner(self.dj, fleet, cfg, metrics, lock, publish, crash)
         self.errors: dict[str, str] = {}  # model -> the follower's last problem
-        self._tasks: dict[str, asyncio.Task[DeltaOp]] = {}
-        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: Tasks[DeltaOp] = Tasks("delta")
+        self._loop = Periodic("delta-follow", self.follow_once,
+                              cfg.delta_poll_s if self.following else 0.0)
         metrics.freshness_from(lambda: {s.model: s.written_at for s in self.dj.streams()
                                         if s.written_at is not None and s.committed_seq})
 
@@ -114,46 +116,24 @@ class DeltaStreams:
             if d.step is not op.step:
                 self.dj.move(op.id, d.step, reason=f"{op.step}: {d.why}", code="resume_unsafe")
             self._spawn(op)
-        if self.following:
-            self._loop_task = asyncio.create_task(self._loop(), name="delta-follow")
+        self._loop.start()
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-        self._loop_task = None
+        await self._loop.stop()
+        await self._tasks.cancel()
 
     def _spawn(self, op: DeltaOp) -> None:
-        task = asyncio.create_task(self.runner.run(op.id), name=f"delta-{op.id}")
-        self._tasks[op.id] = task
-
-        def done(t: asyncio.Task[DeltaOp]) -> None:
-            self._tasks.pop(op.id, None)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("delta %s task died: %r", op.id, t.exception())
-
-        task.add_done_callback(done)
+        self._tasks.spawn(op.id, self.runner.run(op.id))
 
     async def wait(self, op_id: str) -> DeltaOp:
-        task = self._tasks.get(op_id)
-        if task is not None:
-            await asyncio.wait({task})
+        """Until the operation's task ends (however it ends); the operation's row."""
+        await self._tasks.wait(op_id)
         op = self.dj.get(op_id)
         if op is None:
             raise ControllerError(404, f"no delta operation {op_id}")
         return op
 
     # ------------------------------------------------------------------ following
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.follow_once()
-            except Exception:  # one bad pass must not end following for good
-                log.exception("delta follow pass failed")
-            await asyncio.sleep(self.cfg.delta_poll_s)
 
     async def follow_once(self) -> list[DeltaOp]:
         """One look at every model's delta directory; returns the advances it started."""

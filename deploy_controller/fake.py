@@ -245,7 +245,8 @@ class FakeFleet:
         if bad and seq not in sv.readable_seqs:
             raise FleetError(addr, f"ApplyDeltas: FAILED_PRECONDITION: {self.refuse[bad[0]]}",
                              reason="delta_refused")
-        # The contract: seq becomes the most recently applied; the K newest stay readable.
+        # The contract: seq becomes the most recently applied (also when it was readable
+        # already), and the K most recently applied stay readable.
         readable = [s for s in sv.readable_seqs if s != seq] + [seq]
         sv = replace(sv, readable_seqs=tuple(sorted(readable[-self.readable_k:])),
                      applied_seq=seq, overlay_bytes=seq)

@@ -17,7 +17,6 @@ step never run at once; during a bake the desired state already is the bake's sp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 from deploy_controller.fleet import Fleet, RankerStatus, ShardVersion
 from deploy_controller.metrics import ControllerMetrics
+from deploy_controller.tasks import Periodic
 from modelpack.desired import DesiredModel
 
 log = logging.getLogger(__name__)
@@ -65,26 +65,13 @@ class Reconciler:
         self.interval_s = interval_s
         self.last: Pass | None = None
         self.passes = 0
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("reconcile", self.run_once, interval_s)
 
     def start(self) -> None:
-        if self.interval_s > 0 and self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="reconcile")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:  # a bug in one pass must not end reconciling for good
-                log.exception("reconcile pass failed")
-            await asyncio.sleep(self.interval_s)
+        await self._loop.stop()
 
     def view(self) -> dict[str, Any] | None:
         """The last pass (None before the first) plus the loop's settings."""

@@ -18,6 +18,10 @@ Which direction is safe depends on where the rollout stood:
   shift steps are idempotent (they ask only for what is missing); an interrupted
   BAKE resumes over the same window (its baseline scrape was journaled in its begin
   event), so nothing that happened while the controller was down goes unjudged.
+
+Delta operations (decide_delta) resume their step: every one is idempotent. One whose
+rankers may already read the new seq (its rankers step had begun) is reverted instead
+when the controller was down longer than `max_unsupervised_s`, as a canary is.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 
 from deploy_controller.config import ControllerConfig
 from deploy_controller.controller import Controller
-from deploy_controller.delta_journal import OpStatus, OpStep, Pause
+from deploy_controller.delta_journal import DeltaJournal, DeltaOp, OpStatus, OpStep, Pause
 from deploy_controller.errors import ControllerError
 from deploy_controller.fake import Behavior, FakeFleet
 from deploy_controller.journal import Journal, ModelBusyError
@@ -76,6 +76,11 @@ async def _started(c: Controller) -> Controller:
     return c
 
 
+async def _advance(c: Controller, to: int | None = None) -> DeltaOp:
+    """Advance the stream of m and wait until the operation ends."""
+    return await c.deltas.wait((await c.deltas.advance("m", to)).id)
+
+
 def test_advance_applies_every_replica_before_any_ranker_moves(env: Env) -> None:
     env.write(3)
 
@@ -131,7 +136,7 @@ def test_a_shards_refusal_pauses_before_any_ranker_moves(env: Env) -> None:
 
     async def go() -> None:
         c = await _started(env.controller())
-        done = await c.deltas.wait((await c.deltas.advance("m")).id)
+        done = await _advance(c)
         assert done.status is OpStatus.FAILED and done.reason_code == "delta_refused"
         st = c.deltas.dj.stream("m")
         assert st is not None and st.paused == Pause.REFUSED and "NaN" in st.pause_reason
@@ -147,9 +152,9 @@ def test_gate_failure_moves_rankers_back_and_pauses(env: Env) -> None:
 
     async def go() -> None:
         c = await _started(env.controller())
-        assert (await c.deltas.wait((await c.deltas.advance("m", to=1)).id)).to_seq == 1
+        assert (await _advance(c, 1)).to_seq == 1
         env.fleet.behavior_at_seq[2] = Behavior(error_rate=0.5)
-        done = await c.deltas.wait((await c.deltas.advance("m")).id)
+        done = await _advance(c)
         assert done.status is OpStatus.ROLLED_BACK and done.reason_code == "gate_error_rate"
         st = c.deltas.dj.stream("m")
         assert st is not None and (st.committed_seq, st.paused) == (1, Pause.GATE)
@@ -158,8 +163,7 @@ def test_gate_failure_moves_rankers_back_and_pauses(env: Env) -> None:
         # Fixed: resume and advance again; replicas were realigned on 1, so 1 stays readable.
         env.fleet.behavior_at_seq.clear()
         await c.deltas.resume("m")
-        assert (await c.deltas.wait((await c.deltas.advance("m")).id)).status is (
-            OpStatus.COMMITTED)
+        assert (await _advance(c)).status is OpStatus.COMMITTED
         assert env.ranker_seqs() == {2} and env.fleet.violations == []
         await c.stop()
 
@@ -171,7 +175,7 @@ def test_revert_pauses_and_resume_follows_again(env: Env) -> None:
 
     async def go() -> None:
         c = await _started(env.controller())
-        await c.deltas.wait((await c.deltas.advance("m")).id)
+        await _advance(c)
         with pytest.raises(ControllerError, match="delta advance --to 4"):
             await c.deltas.revert("m", 4)
         done = await c.deltas.wait((await c.deltas.revert("m", 1, "bad rows")).id)
@@ -201,23 +205,28 @@ def _crash(point: str) -> None:
     raise SimulatedCrash(point)
 
 
+async def _crash_then_restart(env: Env, point: str, **cfg: object) -> tuple[Controller, str]:
+    """Advance until the journal write `point` "kills" the controller, then start a fresh
+    one (new journal handle, same fleet) that recovers it; (that controller, op id)."""
+    c = env.controller(crash_at=point)
+    c.executor._crash = _crash
+    await c.start()
+    op = await c.deltas.advance("m")
+    left = await c.deltas.wait(op.id)
+    assert left.status is OpStatus.RUNNING
+    await c.stop()
+    c.journal.close()
+    return await _started(env.controller(**cfg)), op.id
+
+
 @pytest.mark.parametrize("point", ["delta_apply:begin", "delta_rankers:begin",
                                    "delta_gate:begin", "delta_gate:end", "delta_commit:begin"])
 def test_crash_mid_advance_resumes_on_restart(env: Env, point: str) -> None:
     env.write(2)
 
     async def go() -> None:
-        c = env.controller(crash_at=point)
-        c.executor._crash = _crash
-        await c.start()
-        op = await c.deltas.advance("m")
-        await asyncio.wait({c.deltas._tasks[op.id]})
-        left = c.deltas.dj.get(op.id)
-        assert left is not None and left.status is OpStatus.RUNNING
-        await c.stop()
-        c.journal.close()
-        again = await _started(env.controller())  # a fresh process: same journal and fleet
-        done = await again.deltas.wait(op.id)
+        again, op_id = await _crash_then_restart(env, point)
+        done = await again.deltas.wait(op_id)
         assert done.status is OpStatus.COMMITTED and env.ranker_seqs() == {2}
         assert env.fleet.violations == []
         await again.stop()
@@ -229,14 +238,8 @@ def test_crash_with_rankers_moved_long_ago_reverts_them(env: Env) -> None:
     env.write(1)
 
     async def go() -> None:
-        c = env.controller(crash_at="delta_gate:begin")
-        c.executor._crash = _crash
-        await c.start()
-        op = await c.deltas.advance("m")
-        await asyncio.wait({c.deltas._tasks[op.id]})
-        await c.stop()
-        again = await _started(env.controller(max_unsupervised_s=0.0))
-        done = await again.deltas.wait(op.id)
+        again, op_id = await _crash_then_restart(env, "delta_gate:begin", max_unsupervised_s=0.0)
+        done = await again.deltas.wait(op_id)
         assert done.status is OpStatus.ROLLED_BACK and done.reason_code == "resume_unsafe"
         assert env.ranker_seqs() == {0} and env.fleet.violations == []
         await again.stop()
@@ -249,7 +252,7 @@ def test_rollout_restarts_the_stream_at_the_new_versions_seq_0(env: Env) -> None
 
     async def go() -> None:
         c = await _started(env.controller())
-        await c.deltas.wait((await c.deltas.advance("m")).id)
+        await _advance(c)
         r = await c.create("m", "v2", [100], 0.0)
         with pytest.raises(ControllerError, match="active rollout"):
             await c.deltas.advance("m")
@@ -268,8 +271,6 @@ def test_rollout_restarts_the_stream_at_the_new_versions_seq_0(env: Env) -> None
 
 def test_one_operation_per_model(env: Env) -> None:
     journal = Journal(env.journal_path)
-    from deploy_controller.delta_journal import DeltaJournal
-
     dj = DeltaJournal(journal)
     dj.ensure("m", "v1")
     op = dj.start("m", "v1", "advance", 0, 1)
@@ -289,7 +290,7 @@ def test_reconcile_brings_a_restarted_replica_and_ranker_to_the_committed_seq(en
 
     async def go() -> None:
         c = await _started(env.controller())
-        await c.deltas.wait((await c.deltas.advance("m")).id)
+        await _advance(c)
         addr = env.fleet.shard_addrs[1][0]
         sv = env.fleet.shards[addr]["v1"]
         env.fleet.shards[addr]["v1"] = replace(sv, readable_seqs=(0,), applied_seq=0)
@@ -307,7 +308,7 @@ def test_freshness_and_committed_seq_metrics(env: Env) -> None:
 
     async def go() -> None:
         c = await _started(env.controller())
-        await c.deltas.wait((await c.deltas.advance("m")).id)
+        await _advance(c)
         from prometheus_client import generate_latest
 
         text = generate_latest(c.metrics.registry).decode()
