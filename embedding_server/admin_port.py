@@ -1,7 +1,7 @@
 """--admin-port: a second grpc.Server in the process serving only the admin RPCs.
 
 It shares the data server's EmbeddingServicer (one registry, one set of metrics), and
-serves LoadVersion/UnloadVersion/ListVersions/CheckFit but not Lookup; the data server
+serves LoadVersion/UnloadVersion/ApplyDeltas/ListVersions/CheckFit but not Lookup; the data server
 then refuses the admin RPCs, so a NetworkPolicy on this port isolates exactly admin.
 With --workers every worker listens on the admin port (SO_REUSEPORT), and the private
 port its siblings fan admin calls out to is on this server, not the data one.
@@ -41,6 +41,10 @@ class AdminServicer(pbg.EmbeddingServiceServicer):
     def CheckFit(self, request: pb.LoadVersionRequest, context: grpc.ServicerContext
                  ) -> pb.FitInfo:
         return self.servicer.CheckFit(request, context)
+
+    def ApplyDeltas(self, request: pb.ApplyDeltasRequest, context: grpc.ServicerContext
+                    ) -> pb.VersionInfo:
+        return self.servicer.apply_deltas(request, context)
 
 
 def start_admin_server(servicer: EmbeddingServicer, host: str, port: int, *, worker: bool

@@ -48,11 +48,11 @@ class ServerConfig:
     metrics_port: int | None = None
     """Prometheus /metrics HTTP port; unset disables it, 0 picks a free port."""
     admin_token_file: Path | None = None
-    """File holding the bearer token LoadVersion/UnloadVersion must send as
+    """File holding the bearer token LoadVersion/UnloadVersion/ApplyDeltas must send as
     'authorization: Bearer <token>'. Without it admin RPCs are refused entirely (versions
     then come only from --preload)."""
     admin_port: int | None = None
-    """Serve LoadVersion/UnloadVersion on this port only (the data port refuses them with
+    """Serve LoadVersion/UnloadVersion/ApplyDeltas on this port only (the data port refuses them with
     PERMISSION_DENIED; ListVersions stays on both), so a NetworkPolicy can let only the
     controller reach admin; 0 picks a free port. Unset: admin on --port. With --workers,
     every worker listens on it (SO_REUSEPORT), like on --port."""
@@ -82,6 +82,10 @@ class ServerConfig:
     max_streams: int = 64
     """LookupStreams open at once per process (each holds a gRPC thread while open); more
     are refused at open with RESOURCE_EXHAUSTED. Rankers keep one per replica each."""
+    readable_seqs: int = 2
+    """Delta seqs kept readable per version (the most recently applied ones, seq 0 = the
+    version's own rows until K deltas were applied): rankers at s and s+1 are both served
+    while the fleet advances; each costs the memory of its overlay."""
     grace_period_s: float = 10.0
     """On SIGTERM, seconds in-flight RPCs get to finish before they are cancelled."""
     drain_timeout_s: float = 30.0
@@ -116,7 +120,7 @@ class ServerConfig:
             "--max-bags-per-request": self.max_bags_per_request,
             "--max-tables-per-request": self.max_tables_per_request,
             "--max-response-bytes": self.max_response_bytes, "--max-concurrent": self.max_concurrent,
-            "--max-streams": self.max_streams})
+            "--max-streams": self.max_streams, "--readable-seqs": self.readable_seqs})
         require_at_least(ConfigError, 0, {"--grace-period": self.grace_period_s})
         require_at_least(ConfigError, 0, {"--drain-timeout": self.drain_timeout_s}, strictly=True)
         for flag, token in (("--admin-token-file", self.admin_token),

@@ -7,6 +7,7 @@ a shard without the version they serve. A preloaded version the desired state no
 lists is skipped (it would only take memory the desired versions may need). Models the
 desired state does not name keep their --preload. An unreadable file is logged and
 ignored: the server then starts from --preload, as it did before there was a file.
+Each desired version is then replayed to its committed delta seq (`deltas: {V: s}`).
 """
 
 from __future__ import annotations
@@ -56,3 +57,10 @@ def startup_versions(store: Path, preload: tuple[tuple[str, str], ...],
     for m, v, fp in out:
         unique.setdefault((m, v), fp)
     return [(m, v, fp) for (m, v), fp in unique.items()]
+
+
+def committed_seq(wanted: dict[str, DesiredModel], model: str, version: str) -> int:
+    """The delta seq the desired state committed for a version (0: none, or not desired):
+    a restarted server replays deltas 1..seq before it reports SERVING."""
+    want = wanted.get(model)
+    return want.delta_seq(version) if want is not None else 0

@@ -25,6 +25,10 @@ OVERLOADED = "overloaded"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 UNAUTHENTICATED = "unauthenticated"
 INTERNAL = "internal"
+# Deltas (protos/embedding.proto): a lookup at a seq this shard cannot read, a delta that
+# failed verification in ApplyDeltas.
+SEQ_NOT_APPLIED = "seq_not_applied"
+DELTA_REFUSED = "delta_refused"
 
 _C = grpc.StatusCode
 # Where a raise site names no reason: the one each code means on the lookup path.

@@ -24,9 +24,10 @@ import torch
 from embedding_server.config import ServerConfig
 from embedding_server.errors import OVER_LIMIT, ServiceError
 from embedding_server.fbgemm_tbe import Output, Pooling
+from embedding_server.overlay import OverlayState, TableOverlay
 from embedding_server.served_table import Segment, ServedTable
 from embedding_server.table_store import LoadedVersion
-from embedding_server.wire import id_field, response_head, result_head
+from embedding_server.wire import id_field, response_head, result_head, seq_field
 from protos import embedding_pb2 as pb
 
 # Request arrays are read-only views of the protobuf bytes, and only ever read.
@@ -75,6 +76,7 @@ class Group:
     segment: Segment | None = None  # the one segment holding every row (None: route by file)
     index: npt.NDArray[np.int64] | None = None  # rows local to `segment` (or global when routed)
     offsets: torch.Tensor | None = None
+    overlay: TableOverlay | None = None  # the delta rows replacing some of the table's, if any
     width: int = 0  # answer bytes per output vector
 
     @property
@@ -133,7 +135,8 @@ def _check_offsets(name: str, offsets: npt.NDArray[np.int64], num_rows: int) -> 
                          f"< offsets[{i - 1}] = {int(offsets[i - 1])}")
 
 
-def _resolve(g: Group, version: LoadedVersion, shard: int, num_shards: int) -> None:
+def _resolve(g: Group, version: LoadedVersion, state: OverlayState, shard: int, num_shards: int
+             ) -> None:
     t = version.tables.get(g.name)
     if t is None:
         raise _bad(g.name, f"no such table in {version.model}/{version.version} "
@@ -161,6 +164,7 @@ def _resolve(g: Group, version: LoadedVersion, shard: int, num_shards: int) -> N
     if rows.size and int(_max(local.view(np.uint64))) >= t.stop - t.start:
         raise _range_error(t, g.name, rows, shard, num_shards)
     g.table = t
+    g.overlay = state.tables.get(g.name)
     if len(t.segments) == 1:  # the usual case: the shard's range lies inside one file
         g.segment, g.index = t.segments[0], local
     else:
@@ -169,10 +173,12 @@ def _resolve(g: Group, version: LoadedVersion, shard: int, num_shards: int) -> N
         2 if g.output == pb.OUTPUT_FP16 else 4)
 
 
-def resolve(groups: list[Group], version: LoadedVersion, cfg: ServerConfig) -> None:
-    """Check every group against the held version, and the answer's size, before any work."""
+def resolve(groups: list[Group], version: LoadedVersion, state: OverlayState, cfg: ServerConfig
+            ) -> None:
+    """Check every group against the held version (at the held delta state), and the
+    answer's size, before any work."""
     for g in groups:
-        _resolve(g, version, cfg.shard, cfg.num_shards)
+        _resolve(g, version, state, cfg.shard, cfg.num_shards)
     size = sum(g.count * g.width for g in groups)
     if size > cfg.max_response_bytes:
         raise _too_much(f"needs an answer of {size} bytes", "--max-response-bytes",
@@ -183,6 +189,11 @@ def _gather(g: Group) -> npt.NDArray[np.generic]:
     """The group's answer rows: the gather's (or kernel's) own output, not copied here."""
     t, s, idx = g.table, g.segment, g.index
     assert t is not None and idx is not None  # resolved
+    if g.overlay is not None:
+        # idx is local to the one segment, which starts at the shard's first row, or global.
+        pos = g.overlay.hits(idx if s is not None else idx - t.start)
+        if pos is not None:
+            return _overlaid(g, g.overlay, pos)
     if g.output == pb.OUTPUT_INT4_PACKED:
         return s.take(idx) if s is not None else t.gather(idx)
     kind, output = _KERNEL_POOLING[g.pooling], _KERNEL_OUTPUT[g.output]
@@ -192,7 +203,18 @@ def _gather(g: Group) -> npt.NDArray[np.generic]:
     return t.lookup(idx, g.offsets, kind, output).numpy()
 
 
-def execute(groups: list[Group], version: LoadedVersion, rid: int, cfg: ServerConfig,
+def _overlaid(g: Group, ov: TableOverlay, pos: npt.NDArray[np.intp]) -> npt.NDArray[np.generic]:
+    """_gather for a group some of whose rows the delta overlay replaces."""
+    t, s, idx = g.table, g.segment, g.index
+    assert t is not None and idx is not None  # resolved
+    rows = idx + t.start if s is not None else idx  # global
+    if g.output == pb.OUTPUT_INT4_PACKED:
+        return ov.patch(s.take(idx) if s is not None else t.gather(idx), rows, pos)
+    return ov.lookup(t, rows, pos, g.offsets, _KERNEL_POOLING[g.pooling],
+                     _KERNEL_OUTPUT[g.output]).numpy()
+
+
+def execute(groups: list[Group], version: LoadedVersion, seq: int, rid: int, cfg: ServerConfig,
             deadline: float | None) -> bytes:
     """The LookupResponse wire bytes; `deadline` (time.monotonic(), None = none) is checked
     before each group. The join is the answer's one copy between the gathers and gRPC."""
@@ -207,4 +229,5 @@ def execute(groups: list[Group], version: LoadedVersion, rid: int, cfg: ServerCo
         pieces.append(result_head(g.name.encode(), g.table.spec.dim, g.count, data.nbytes))
         pieces.append(data.data)  # the array's memory, not a copy
     pieces.append(id_field(rid))
+    pieces.append(seq_field(seq))
     return b"".join(pieces)

@@ -37,16 +37,34 @@ class Metrics:
         # Each worker maps the same files (one page cache), so the max is the truth.
         self.loaded_bytes = Gauge("embedding_loaded_bytes", "Table bytes mapped per loaded version",
                                   ["model", "version"], registry=r, multiprocess_mode="livemax")
+        # Deltas: each worker holds its own overlays (summed); a seq is applied where all have it.
+        self.overlay_bytes = Gauge("embedding_delta_overlay_bytes",
+                                   "Memory of the delta overlays per loaded version (in the budget)",
+                                   ["model", "version"], registry=r, multiprocess_mode="livesum")
+        self.applied_seq = Gauge("embedding_delta_applied_seq",
+                                 "Delta seq most recently made readable per loaded version",
+                                 ["model", "version"], registry=r, multiprocess_mode="livemin")
+        self.delta_rows = Counter("embedding_delta_rows_applied_total",
+                                  "Delta rows in this shard's range applied into overlays", registry=r)
+        self.apply_seconds = Histogram("embedding_delta_apply_duration_seconds",
+                                       "ApplyDeltas work: verify, merge, index, publish",
+                                       buckets=(1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                                2.5, 5.0, 10.0), registry=r)
         self.inflight = Gauge("embedding_inflight_requests", "Lookups being handled now",
                               registry=r, multiprocess_mode="livesum")
 
     def set_loaded(self, model: str, version: str, nbytes: int) -> None:
         self.loaded_bytes.labels(model, version).set(nbytes)
 
+    def set_deltas(self, model: str, version: str, applied_seq: int, overlay_bytes: int) -> None:
+        self.applied_seq.labels(model, version).set(applied_seq)
+        self.overlay_bytes.labels(model, version).set(overlay_bytes)
+
     def clear_loaded(self, model: str, version: str) -> None:
-        # Zero first: in multiprocess mode the per-process file keeps the last value.
-        self.loaded_bytes.labels(model, version).set(0)
-        self.loaded_bytes.remove(model, version)
+        for gauge in (self.loaded_bytes, self.overlay_bytes, self.applied_seq):
+            # Zero first: in multiprocess mode the per-process file keeps the last value.
+            gauge.labels(model, version).set(0)
+            gauge.remove(model, version)
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> int:

@@ -85,6 +85,11 @@ def merge_version_lists(own: Sequence[pb.VersionInfo], others: Sequence[Sequence
         out = pb.VersionInfo()
         out.CopyFrom(worst)
         out.in_flight = sum(v.in_flight for v in present)
+        # A seq is readable where every worker can read it; overlays are per process.
+        readable = set(present[0].readable_seqs).intersection(*(v.readable_seqs for v in present))
+        out.readable_seqs[:] = sorted(readable)
+        out.applied_seq = min(v.applied_seq for v in present)
+        out.overlay_bytes = sum(v.overlay_bytes for v in present)
         if len(present) < len(infos) and out.state == pb.VERSION_STATE_READY:
             out.state = pb.VERSION_STATE_LOADING  # not yet (or no longer) everywhere
         merged.append(out)

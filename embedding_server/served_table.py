@@ -8,12 +8,14 @@ weights buffer (a table is an offset into `weights_host`), i.e. a copy of the fi
 
 Rows are routed to segments by file with modelpack.lookup's split_rows / gather_rows.
 A bag whose rows lie in several segments is pooled per segment as FP32 sums and combined
-here, the mean dividing at the end, as embedding_server.client combines shards. A range
+(`lookup_parts`, which a delta overlay uses too), the mean dividing at the end, as
+embedding_server.client combines shards. A range
 inside one file (the usual case) takes the single-kernel path with no routing at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -110,27 +112,49 @@ class ServedTable:
             off = torch.arange(rows.size + 1, dtype=torch.int64) if offsets is None else offsets
             return s.kernel.lookup(torch.from_numpy(rows - s.start if s.start else rows), off,
                                    pooling, output)
-        parts = split_rows(rows, self._file_start)
-        if offsets is None:
-            # numpy's row scatter: torch's index_put/index_copy_ are several times slower here.
-            out = np.empty((rows.size, self.spec.dim), dtype=np.float16 if output == "fp16" else np.float32)
-            for k, pos in enumerate(parts):
-                if pos.size:
-                    one_each = torch.arange(pos.size + 1, dtype=torch.int64)
-                    seg = self._by_file[k]
-                    out[pos] = seg.kernel.lookup(torch.from_numpy(rows[pos] - seg.start), one_each,
-                                                 "sum", output).numpy()
-            return torch.from_numpy(out)
-        bags = int(offsets.numel()) - 1
-        bag = np.repeat(np.arange(bags), np.diff(offsets.numpy()))  # each row's bag
-        total = torch.zeros((bags, self.spec.dim), dtype=torch.float32)
-        for k, pos in enumerate(parts):
+        return lookup_parts(self.parts(rows), rows.size, self.spec.dim, offsets, pooling, output)
+
+    def parts(self, rows: npt.NDArray[np.int64]) -> list[Part]:
+        """`rows` (global, within [start, stop)) routed to the segments holding them."""
+        if (s := self._only_segment(rows)) is not None:
+            return [Part(np.arange(rows.size, dtype=np.int64), s.kernel, rows - s.start)]
+        out = []
+        for k, pos in enumerate(split_rows(rows, self._file_start)):
             if pos.size:
-                seg_offsets = np.zeros(bags + 1, dtype=np.int64)
-                np.cumsum(np.bincount(bag[pos], minlength=bags), out=seg_offsets[1:])
                 seg = self._by_file[k]
-                total += seg.kernel.lookup(torch.from_numpy(rows[pos] - seg.start),
-                                           torch.from_numpy(seg_offsets), "sum", "fp32")
-        if pooling == "mean":
-            total /= torch.diff(offsets).clamp(min=1).unsqueeze(1).to(torch.float32)
-        return total.to(_DTYPES[output])
+                out.append(Part(pos, seg.kernel, rows[pos] - seg.start))
+        return out
+
+
+@dataclass(frozen=True)
+class Part:
+    """Some of a request's rows read through one kernel: where they are in the request
+    (ascending) and their rows local to the kernel's table."""
+
+    pos: npt.NDArray[np.int64]
+    kernel: Int4Kernel
+    local: npt.NDArray[np.int64]
+
+
+def lookup_parts(parts: Sequence[Part], num_rows: int, dim: int, offsets: torch.Tensor | None,
+                 pooling: Pooling, output: Output) -> torch.Tensor:
+    """A lookup whose rows are split over several kernels (files of a range, or an overlay
+    and the base): unpooled rows scattered back in request order; bags pooled per part as
+    FP32 sums and combined, the mean dividing at the end."""
+    if offsets is None:
+        # numpy's row scatter: torch's index_put/index_copy_ are several times slower here.
+        out = np.empty((num_rows, dim), dtype=np.float16 if output == "fp16" else np.float32)
+        for p in parts:
+            one_each = torch.arange(p.pos.size + 1, dtype=torch.int64)
+            out[p.pos] = p.kernel.lookup(torch.from_numpy(p.local), one_each, "sum", output).numpy()
+        return torch.from_numpy(out)
+    bags = int(offsets.numel()) - 1
+    bag = np.repeat(np.arange(bags), np.diff(offsets.numpy()))  # each row's bag
+    total = torch.zeros((bags, dim), dtype=torch.float32)
+    for p in parts:
+        part_offsets = np.zeros(bags + 1, dtype=np.int64)
+        np.cumsum(np.bincount(bag[p.pos], minlength=bags), out=part_offsets[1:])
+        total += p.kernel.lookup(torch.from_numpy(p.local), torch.from_numpy(part_offsets), "sum", "fp32")
+    if pooling == "mean":
+        total /= torch.diff(offsets).clamp(min=1).unsqueeze(1).to(torch.float32)
+    return total.to(_DTYPES[output])

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from embedding_server.admin_port import start_admin_server
 from embedding_server.auth import AdminAuth
 from embedding_server.config import ServerConfig
-from embedding_server.desired import read_desired, startup_versions
+from embedding_server.desired import committed_seq, read_desired, startup_versions
 from embedding_server.errors import ServiceError
 from embedding_server.metrics import Metrics, serve_metrics
 from embedding_server.peers import Peers
@@ -94,7 +94,8 @@ def serve(cfg: ServerConfig) -> int:
     stop = stop_event("shutting down")
 
     metrics = Metrics()
-    versions = VersionRegistry(cfg.store, cfg.shard, cfg.num_shards, cfg.memory_budget_bytes)
+    versions = VersionRegistry(cfg.store, cfg.shard, cfg.num_shards, cfg.memory_budget_bytes,
+                               cfg.readable_seqs)
     peers = Peers(cfg.peer_dir) if cfg.peer_dir is not None else None
     servicer = EmbeddingServicer(cfg, versions, metrics, AdminAuth(cfg.admin_token), peers)
     health_servicer = health.HealthServicer()
@@ -150,6 +151,7 @@ def serve(cfg: ServerConfig) -> int:
                       "state says %s: rankers will refuse it", model, version,
                       entry.fingerprint, fingerprint)
         metrics.set_loaded(entry.model, entry.version, entry.nbytes)
+        replay(servicer, model, version, committed_seq(wanted, model, version))
 
     if not stop.is_set():
         # Everything made so far (torch, FBGEMM, the mapped versions' objects) lives as long
@@ -168,6 +170,30 @@ def serve(cfg: ServerConfig) -> int:
         admin.stop(0)  # no new admin work while draining; a running call is cancelled
     drain(server, servicer, health_servicer, cfg.grace_period_s)
     return 0
+
+
+def replay(servicer: EmbeddingServicer, model: str, version: str, seq: int) -> None:
+    """Make a just-loaded version readable at its committed delta seq before SERVING.
+
+    If that fails (a delta missing, corrupt, or over the budget), the version is turned
+    FAILED with the reason (ListVersions shows it): serving it at an older seq would only
+    answer seq_not_applied to rankers at the committed one, and a FAILED version is what
+    the rankers' prepare and the controller's reconcile already act on (LoadVersion +
+    ApplyDeltas again). The server still reports SERVING for its other versions.
+    """
+    if seq == 0:
+        return
+    t0 = time.monotonic()
+    try:
+        servicer.apply_local(model, version, seq)
+    except ServiceError as err:
+        log.error("desired version %s/%s: replay of deltas 1..%d failed, version not served: %s",
+                  model, version, seq, err.message)
+        servicer.versions.fail(model, version, f"replay of deltas 1..{seq} failed: {err.message}")
+        servicer.metrics.clear_loaded(model, version)
+        return
+    log.info("desired version %s/%s replayed to committed delta seq %d in %.2fs", model, version,
+             seq, time.monotonic() - t0)
 
 
 def drain(server: grpc.Server, servicer: EmbeddingServicer, health_servicer: health.HealthServicer,

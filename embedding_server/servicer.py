@@ -29,6 +29,7 @@ from embedding_server.metrics import Metrics
 from embedding_server.peers import Peers, merge_version_lists
 from embedding_server.streams import StreamSet, serve_stream
 from embedding_server.versions import Entry, VersionRegistry
+from modelpack.delta import DeltaError, check_seq
 from modelpack.lookup import DRAINING_METADATA, REASON_METADATA
 from modelpack.schema import SchemaError, check_name
 from protos import embedding_pb2 as pb
@@ -129,14 +130,15 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
                                    "deadline passed before the lookup started")
             groups = measure(request, self.cfg)  # the cost limits, before anything else
             try:
-                entry, version = self.versions.hold(request.model, request.version, request.fingerprint)
+                entry, version, state = self.versions.hold(request.model, request.version,
+                                                           request.fingerprint, request.seq)
             except ServiceError as e:  # names are checked only here: a READY entry's are valid
                 if e.reason == VERSION_NOT_LOADED:
                     self._names(request.model, request.version)
                 raise
             try:
-                resolve(groups, version, self.cfg)
-                out = execute(groups, version, request.id, self.cfg, deadline)
+                resolve(groups, version, state, self.cfg)
+                out = execute(groups, version, state.seq, request.id, self.cfg, deadline)
             finally:
                 self.versions.release(entry)
             for g in groups:  # only once the whole lookup has succeeded
@@ -160,7 +162,9 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
     def _info(self, e: Entry) -> pb.VersionInfo:
         return pb.VersionInfo(model=e.model, version=e.version, fingerprint=e.fingerprint,
                               state=_STATES[e.state], bytes=e.nbytes, shard=self.cfg.shard,
-                              num_shards=self.cfg.num_shards, error=e.error, in_flight=e.in_flight)
+                              num_shards=self.cfg.num_shards, error=e.error, in_flight=e.in_flight,
+                              readable_seqs=e.readable_seqs, applied_seq=e.applied_seq,
+                              overlay_bytes=e.overlay_bytes)
 
     @staticmethod
     def _names(model: str, version: str) -> None:
@@ -208,12 +212,48 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
         self._refuse_admin_here(context)
         return self.unload_version(request, context)
 
+    def ApplyDeltas(self, request: pb.ApplyDeltasRequest, context: grpc.ServicerContext
+                    ) -> pb.VersionInfo:
+        self._refuse_admin_here(context)
+        return self.apply_deltas(request, context)
+
+    def apply_deltas(self, request: pb.ApplyDeltasRequest, context: grpc.ServicerContext
+                     ) -> pb.VersionInfo:
+        """ApplyDeltas itself, wherever it is served: token, names and seq checked first."""
+        def local() -> pb.VersionInfo:
+            return self._info(self.apply_local(request.model, request.version, request.seq,
+                                               request.fingerprint))
+
+        def run() -> pb.VersionInfo:
+            self._names(request.model, request.version)
+            if request.seq:
+                try:
+                    check_seq(request.seq, "ApplyDeltas seq")
+                except DeltaError as e:
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"{e} (or 0: the version's own rows)") from None
+            return self._fan_out(context, "ApplyDeltas", request, local)
+
+        return self._admin(context, run)
+
+    def apply_local(self, model: str, version: str, seq: int, fingerprint: str = "") -> Entry:
+        """Make (model, version) readable at `seq` in this process, with its metrics (the
+        startup replay calls this too)."""
+        t0 = time.perf_counter()
+        e, rows = self.versions.apply_deltas(model, version, seq, fingerprint)
+        self.metrics.set_deltas(e.model, e.version, e.applied_seq, e.overlay_bytes)
+        if rows:
+            self.metrics.delta_rows.inc(rows)
+            self.metrics.apply_seconds.observe(time.perf_counter() - t0)
+        return e
+
     def load_version(self, request: pb.LoadVersionRequest, context: grpc.ServicerContext
                      ) -> pb.VersionInfo:
         """LoadVersion itself, wherever it is served (the data port or --admin-port)."""
         def local() -> pb.VersionInfo:
             e = self.versions.load(request.model, request.version)
             self.metrics.set_loaded(e.model, e.version, e.nbytes)
+            self.metrics.set_deltas(e.model, e.version, e.applied_seq, e.overlay_bytes)
             return self._info(e)
 
         def run() -> pb.VersionInfo:

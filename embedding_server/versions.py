@@ -18,7 +18,14 @@ from pathlib import Path
 
 import grpc
 
-from embedding_server.errors import FINGERPRINT_MISMATCH, VERSION_NOT_LOADED, ServiceError
+from embedding_server.deltas import VersionDeltas
+from embedding_server.errors import (
+    FINGERPRINT_MISMATCH,
+    SEQ_NOT_APPLIED,
+    VERSION_NOT_LOADED,
+    ServiceError,
+)
+from embedding_server.overlay import OverlayState, build_state, overlay_bytes
 from embedding_server.table_store import (
     LoadedVersion,
     StoreError,
@@ -46,6 +53,14 @@ class Entry:
     error: str = ""
     in_flight: int = 0
     loaded: LoadedVersion | None = None
+    deltas: VersionDeltas | None = None  # the readable delta states (READY only)
+    overlay_bytes: int = 0  # the overlays' memory, reserved while a delta is being applied
+    readable_seqs: tuple[int, ...] = (0,)
+    applied_seq: int = 0  # the seq most recently made readable
+
+    def copy(self) -> Entry:
+        """What callers outside the registry get: the fields, no references to tables."""
+        return Entry(**{**vars(self), "loaded": None, "deltas": None})
 
 
 @dataclass(frozen=True)
@@ -61,16 +76,20 @@ class Fit:
 class VersionRegistry:
     """Loaded versions of one shard and the lookups running against them."""
 
-    def __init__(self, store: Path, shard: int, num_shards: int, budget: int) -> None:
+    def __init__(self, store: Path, shard: int, num_shards: int, budget: int,
+                 readable_seqs: int = 2) -> None:
         self.store, self.shard, self.num_shards, self.budget = store, shard, num_shards, budget
+        self.readable_seqs = readable_seqs  # delta states kept readable per version
         self._entries: dict[Key, Entry] = {}
         self._cond = threading.Condition()
 
     # ------------------------------------------------------------------ lookups
 
-    def hold(self, model: str, version: str, fingerprint: str) -> tuple[Entry, LoadedVersion]:
-        """Hold a READY version for one lookup (release() the entry after); FAILED_PRECONDITION
-        with reason version_not_loaded or fingerprint_mismatch if it is not servable."""
+    def hold(self, model: str, version: str, fingerprint: str, seq: int = 0
+             ) -> tuple[Entry, LoadedVersion, OverlayState]:
+        """Hold a READY version at delta seq `seq` for one lookup (release() the entry after);
+        FAILED_PRECONDITION with reason version_not_loaded, fingerprint_mismatch or
+        seq_not_applied if it is not servable."""
         with self._cond:
             e = self._entries.get((model, version))
             if e is None or e.state != "READY" or e.loaded is None:
@@ -81,8 +100,18 @@ class VersionRegistry:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"version {model}/{version} on shard {self.shard} has fingerprint "
                     f"{e.fingerprint}, the request expects {fingerprint}", FINGERPRINT_MISMATCH)
+            assert e.deltas is not None  # set with `loaded`
+            state = e.deltas.readable.get(seq)
+            if state is None:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"version {model}/{version} on shard {self.shard} cannot be read at delta seq "
+                    f"{seq}: readable seqs {list(e.readable_seqs)} (newest applied {e.applied_seq})",
+                    SEQ_NOT_APPLIED)
             e.in_flight += 1
-            return e, e.loaded  # the mapping as of now: a timed-out unload may drop e.loaded
+            # The mapping and state as of now: a timed-out unload may drop e.loaded, an
+            # apply may publish other states; this lookup keeps reading these.
+            return e, e.loaded, state
 
     def release(self, e: Entry) -> None:
         """End a hold(): what UnloadVersion's drain waits for."""
@@ -94,7 +123,7 @@ class VersionRegistry:
     @contextmanager
     def acquire(self, model: str, version: str, fingerprint: str) -> Iterator[LoadedVersion]:
         """hold() and release() around a block, yielding the mapped version."""
-        e, loaded = self.hold(model, version, fingerprint)
+        e, loaded, _ = self.hold(model, version, fingerprint)
         try:
             yield loaded
         finally:
@@ -112,15 +141,14 @@ class VersionRegistry:
     def snapshot(self, model: str = "") -> list[Entry]:
         """Copies of the entries (all, or one model's), sorted by model and version."""
         with self._cond:
-            return [Entry(**{**vars(e), "loaded": None}) for k, e in sorted(self._entries.items())
-                    if not model or k[0] == model]
+            return [e.copy() for k, e in sorted(self._entries.items()) if not model or k[0] == model]
 
     def used_bytes(self) -> int:
         with self._cond:
             return self._used()
 
     def _used(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        return sum(e.nbytes + e.overlay_bytes for e in self._entries.values())
 
     def _plan(self, model: str, version: str) -> VersionPlan:
         try:
@@ -158,7 +186,7 @@ class VersionRegistry:
             while (e := self._entries.get(key)) is not None and e.state == "LOADING":
                 self._cond.wait()
             if e is not None and e.state == "READY":
-                return Entry(**{**vars(e), "loaded": None})
+                return e.copy()
             if e is not None and e.state == "UNLOADING":
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"version {model}/{version} is being unloaded; load it again "
@@ -180,12 +208,13 @@ class VersionRegistry:
             code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, StoreError)
                     else grpc.StatusCode.INTERNAL)
             raise ServiceError(code, f"load of {model}/{version} refused: {msg}") from None
+        deltas = VersionDeltas(plan.directory, plan.manifest, loaded.tables, self.readable_seqs)
         with self._cond:
-            entry.state, entry.loaded, entry.nbytes = "READY", loaded, loaded.nbytes
+            entry.state, entry.loaded, entry.nbytes, entry.deltas = "READY", loaded, loaded.nbytes, deltas
             self._cond.notify_all()
             log.info("version %s/%s READY in %.2fs (%d bytes, fingerprint %s)",
                      model, version, time.monotonic() - t0, loaded.nbytes, loaded.fingerprint)
-            return Entry(**{**vars(entry), "loaded": None})
+            return entry.copy()
 
     def unload(self, model: str, version: str, drain_timeout_s: float) -> Entry:
         """Stop new lookups on the version, wait for its in-flight ones, then drop it.
@@ -209,7 +238,8 @@ class VersionRegistry:
                 self._cond.wait(left)
             if self._entries.get(key) is e:
                 del self._entries[key]
-            e.loaded = None  # the last in-flight lookup's reference frees the mapping
+            # The last in-flight lookup's reference frees the mapping and its overlays.
+            e.loaded, e.deltas, e.overlay_bytes = None, None, 0
             if e.in_flight:
                 log.warning("unload of %s/%s: drain timed out after %.1fs with %d lookups in flight",
                             model, version, drain_timeout_s, e.in_flight)
@@ -217,3 +247,73 @@ class VersionRegistry:
                 log.info("version %s/%s unloaded", model, version)
             self._cond.notify_all()
             return Entry(model, version, "", e.fingerprint, 0, e.error, e.in_flight)
+
+    # ------------------------------------------------------------------ deltas
+
+    def apply_deltas(self, model: str, version: str, seq: int, fingerprint: str = ""
+                     ) -> tuple[Entry, int]:
+        """Make a READY version readable at delta seq `seq`; returns its entry and the rows
+        applied (0 when `seq` was readable already: idempotent).
+
+        Every delta is verified before anything is built (delta_refused, nothing changed);
+        the new state's memory is reserved in the budget first (RESOURCE_EXHAUSTED), then it
+        is indexed outside the lock and published by swapping the readable states.
+        """
+        key = (model, version)
+        with self._cond:
+            e = self._entries.get(key)
+            if e is None or e.state != "READY" or e.deltas is None:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, self._not_ready(model, version, e),
+                                   VERSION_NOT_LOADED)
+            deltas = e.deltas
+        with deltas.lock:
+            have = deltas.readable.get(seq)
+            if have is not None:
+                deltas.check_link(seq, fingerprint, have.link)
+                with self._cond:
+                    return e.copy(), 0
+            t0 = time.monotonic()
+            prepared = deltas.prepare(seq, fingerprint)  # reads and verifies: no registry lock
+            need = overlay_bytes(prepared.tables, deltas.tables)
+            with self._cond:
+                if self._entries.get(key) is not e or e.state != "READY":
+                    raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       self._not_ready(model, version, self._entries.get(key)),
+                                       VERSION_NOT_LOADED)
+                available = self.budget - self._used()
+                if need > available:
+                    raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                        f"{model}/{version} at delta seq {seq} needs an overlay of {need} bytes on "
+                        f"shard {self.shard}, only {available} of the {self.budget}-byte memory "
+                        f"budget are free (the readable seqs {list(deltas.seqs())} stay)"))
+                e.overlay_bytes += need  # reserved while it is indexed
+            try:
+                state = build_state(seq, prepared.link, prepared.tables, deltas.tables)
+            except BaseException:
+                with self._cond:
+                    e.overlay_bytes -= need
+                raise
+            with self._cond:  # the reservation becomes the published states' bytes
+                if self._entries.get(key) is not e or e.state != "READY":  # unloaded meanwhile
+                    raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       self._not_ready(model, version, self._entries.get(key)),
+                                       VERSION_NOT_LOADED)
+                gone = deltas.publish(state)
+                e.overlay_bytes, e.readable_seqs, e.applied_seq = deltas.nbytes, deltas.seqs(), seq
+                out = e.copy()
+        log.info("%s/%s readable at delta seq %d (from seq %d, %d rows in %.3fs; overlay %d rows, "
+                 "%d bytes; readable %s, dropped %s)", model, version, seq, prepared.base_seq,
+                 prepared.rows_applied, time.monotonic() - t0, state.num_rows, state.nbytes,
+                 list(out.readable_seqs), gone)
+        return out, prepared.rows_applied
+
+    def fail(self, model: str, version: str, error: str) -> None:
+        """Turn a READY version FAILED (unmapped, its error shown in ListVersions): a
+        startup replay that could not reach the committed seq."""
+        with self._cond:
+            e = self._entries.get((model, version))
+            if e is not None and e.state == "READY":  # running lookups keep their references
+                e.state, e.error, e.nbytes = "FAILED", error, 0
+                e.loaded, e.deltas, e.overlay_bytes = None, None, 0
+                e.readable_seqs, e.applied_seq = (), 0
+                self._cond.notify_all()

@@ -52,3 +52,8 @@ def result_head(table: bytes, dim: int, count: int, data_len: int) -> bytes:
 def id_field(rid: int) -> bytes:
     """Field 7, the echoed request id (after the results: field order as protobuf writes)."""
     return _int_field(0x38, rid)
+
+
+def seq_field(seq: int) -> bytes:
+    """Field 9, the delta seq the rows were read at (after the id: field order)."""
+    return _int_field(0x48, seq)
