@@ -173,8 +173,10 @@ def render_convergence(r: dict[str, Any]) -> list[str]:
     want = r.get("desired")
     if want:
         split = " ".join(f"{v}={_pct(s)}" for v, s in sorted(want["split"].items()))
+        deltas = " ".join(f"{v}@{s}" for v, s in sorted((want.get("deltas") or {}).items()))
         lines.append(f"  desired: active {want['active']}, every server holds "
-                     f"{','.join(want['versions'])}, traffic {split} (seq {want['seq']})")
+                     f"{','.join(want['versions'])}, traffic {split}"
+                     + (f", delta seqs {deltas}" if deltas else "") + f" (seq {want['seq']})")
     if r.get("desired_error"):
         lines.append(f"  desired state NOT WRITTEN: {r['desired_error']}")
     rec = r.get("reconcile")

@@ -1,5 +1,6 @@
 """The controller's real fleet clients against real servers: the admin contracts of the
-ranker (HTTP) and the embedding shards (gRPC), and one executor run over them.
+ranker (HTTP) and the embedding shards (gRPC), one executor run over them, and a delta
+stream (advance, revert, a corrupt delta refused) over them.
 
 Tiny stores (tests.helpers_store) keep it fast; the whole-stack run with the demo store
 and load is tests/e2e/test_rollout.py.
@@ -14,12 +15,16 @@ import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from deploy_controller.config import ControllerConfig
+from deploy_controller.controller import Controller
 from deploy_controller.discovery import LocalDiscovery, Topology
+from deploy_controller.errors import ControllerError
 from deploy_controller.executor import Executor
 from deploy_controller.fleet import FleetError, RemoteFleet
 from deploy_controller.gates import parse_metrics
@@ -27,8 +32,11 @@ from deploy_controller.journal import Journal
 from deploy_controller.state import Status
 from loadtest.harness.probes import grpc_serving, http_ready
 from loadtest.harness.process import ServerProcess, start_all
+from modelpack import desired
+from modelpack.delta_write import write_delta
 from modelpack.manifest import parse_manifest, write_manifest
 from tests.helpers_store import tiny_version
+from tests.unit.delta_helpers import update
 
 MODEL = "tiny"
 TOKEN = "integration-token"
@@ -170,3 +178,65 @@ def test_executor_moves_real_servers_and_back(topo: tuple[Topology, Path]) -> No
     headers = {"authorization": f"Bearer {TOKEN}"}
     st = httpx.get(f"{t.rankers[0]}/admin/v1/versions", headers=headers).json()
     assert st["active"] == "v3" and [v["version"] for v in st["versions"]] == ["v3"]
+
+
+def test_delta_stream_on_real_servers(topo: tuple[Topology, Path]) -> None:
+    """Deltas of the serving version: every shard applies before the ranker moves, revert,
+    a corrupt delta pauses the stream; the ranker's and shards' own listings show it."""
+    t, d = topo
+    store = d / "store"
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    (url,) = t.rankers
+    active = httpx.get(f"{url}/admin/v1/versions", headers=headers).json()["active"]
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        write_delta(store / MODEL / active, {"unified": update(rng)})
+    fleet_file = d / "delta-fleet.json"
+    fleet_file.write_text(json.dumps(t.to_json()))
+    cfg = ControllerConfig(store=store, journal=d / "delta.sqlite", delta_poll_s=0.0,
+                           delta_gate_s=0.2, gate_interval_s=0.05, retry_backoff_s=0.05,
+                           reconcile_interval_s=0.0, desired_state=d / "delta-desired.json")
+
+    def seqs(st: dict[str, Any]) -> tuple[int, list[list[int]]]:
+        """The ranker's seq of the version (its own listing) and each replica's readable."""
+        ranker = next(v["seq"] for v in httpx.get(f"{url}/admin/v1/versions",
+                                                  headers=headers).json()["versions"]
+                      if v["version"] == active)
+        return ranker, [r["readable_seqs"] for r in st["replicas"]]
+
+    async def go() -> None:
+        f = RemoteFleet(LocalDiscovery(fleet_file), TOKEN, http_timeout_s=30, grpc_timeout_s=60)
+        c = Controller(cfg, Journal(cfg.journal), f)
+        await c.start()
+        try:
+            op = await c.deltas.wait((await c.deltas.advance(MODEL, 2)).id)
+            assert op.status == "committed", op.reason
+            assert seqs(await c.deltas.status(MODEL)) == (2, [[0, 2], [0, 2]])
+            assert desired.read(cfg.desired_state_path())[MODEL].deltas == {active: 2}
+            op = await c.deltas.wait((await c.deltas.revert(MODEL, 1, "test")).id)
+            assert op.status == "committed", op.reason
+            st = await c.deltas.status(MODEL)
+            assert seqs(st) == (1, [[1, 2], [1, 2]])
+            assert st["state"] == "paused" and st["paused"] == "operator"
+            # Delta 3 flipped on disk: refused naming it, the stream paused at the last good.
+            data = store / MODEL / active / "deltas" / "3" / "tables" / "unified" / "rows.int4"
+            raw = bytearray(data.read_bytes())
+            raw[3] ^= 0x10
+            data.write_bytes(bytes(raw))
+            await c.deltas.resume(MODEL)
+            op = await c.deltas.wait((await c.deltas.advance(MODEL)).id)
+            assert (op.status, op.to_seq) == ("committed", 2), op.reason
+            with pytest.raises(ControllerError, match=f"{MODEL}/{active} delta 3"):
+                await c.deltas.advance(MODEL)
+            st = await c.deltas.status(MODEL)
+            assert st["paused"] == "refused" and st["committed_seq"] == 2
+            # The shard refuses it too (its own verification), and still reads 2.
+            with pytest.raises(FleetError) as e:
+                await f.shard_apply_deltas(t.shards[0][0], MODEL, active, 3, "")
+            assert e.value.reason == "delta_refused" and "delta 3" in e.value.message
+            assert seqs(await c.deltas.status(MODEL)) == (2, [[1, 2], [1, 2]])
+        finally:
+            await c.stop()
+            await f.close()
+
+    asyncio.run(go())
