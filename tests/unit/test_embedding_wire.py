@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedding_server.wire import id_field, response_head, result_head, varint
+from embedding_server.wire import id_field, response_head, result_head, seq_field, varint
 from protos import embedding_pb2 as pb
 
 
@@ -17,7 +17,8 @@ def test_varint_is_protobufs(n: int) -> None:
 
 @pytest.mark.parametrize("rid", [0, 1, 2**40])
 @pytest.mark.parametrize("shard", [0, 3])
-def test_response_bytes_equal_serialize_to_string(rid: int, shard: int) -> None:
+@pytest.mark.parametrize("seq", [0, 5, 2**33])
+def test_response_bytes_equal_serialize_to_string(rid: int, shard: int, seq: int) -> None:
     rng = np.random.default_rng(rid + shard)
     groups = [("unified", 16, rng.integers(0, 256, (n, 12), dtype=np.uint8)) for n in (0, 1, 200, 7000)]
     groups.append(("c" * 200, 4, rng.standard_normal((3, 4)).astype(np.float16)))
@@ -25,9 +26,9 @@ def test_response_bytes_equal_serialize_to_string(rid: int, shard: int) -> None:
     pieces = [head]
     for table, dim, data in groups:
         pieces += [result_head(table.encode(), dim, data.shape[0], data.nbytes), data.tobytes()]
-    pieces.append(id_field(rid))
+    pieces += [id_field(rid), seq_field(seq)]
     want = pb.LookupResponse(model="tiny", version="v1", fingerprint="sha256:" + "ab" * 32, shard=shard,
-                             num_shards=4, id=rid, results=[
+                             num_shards=4, id=rid, seq=seq, results=[
                                  pb.TableResult(table=t, dim=d, count=a.shape[0], data=a.tobytes())
                                  for t, d, a in groups])
     assert b"".join(pieces) == want.SerializeToString()
