@@ -6,7 +6,8 @@ R1: v1 -> v2 under load with zero failed requests and zero mismatches, responses
     and a failing gate both end rolled back with zero failed requests and v1 serving.
 R3: the controller SIGKILLed at step boundaries (journal writes) and restarted: every
     trial ends with the fleet on exactly one fully prepared version, the journal showing
-    the resume or rollback decision, and no request failing across all trials.
+    the resume or rollback decision, and no request failing across all trials; and once
+    mid delta advance (the ranker already reading the new seq): it resumes and commits.
 
 Bounded: a few thousand requests, every process stopped at the end. R3 covers every
 step's end boundary plus mid-step kills of the riskiest steps; E2E_ALL_CRASH_POINTS=1
@@ -24,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from deploy_controller import cli
 from deploy_controller.state import plan
+from modelpack.delta_read import list_seqs
+from modelpack.delta_write import write_delta
+from modelpack.manifest import read_manifest
 from tests.stack import AUTH, MODEL, Load, Stack, start_stack
 from tests.unit.controller_helpers import wait_done
 
@@ -77,7 +82,7 @@ def test_r1_rollout_under_load_zero_failures_and_split_followed(stack: Stack) ->
     finally:
         ctl.stop()
     assert r["status"] == "succeeded", r["reason"]
-    assert load.failures() == [], load.failures()[:5]
+    assert len(load.results) > 20 and load.failures() == [], load.failures()[:5]
     assert stack.mismatches() == mism0
     first, last = _ts(r, "shift:0", "begin"), _ts(r, "shift:1", "end")
     before = [x for x in load.results if x.t1 < first]
@@ -179,4 +184,49 @@ def test_r3_sigkill_at_step_boundaries_resumes_or_rolls_back(stack: Stack) -> No
     print("\nR3 trials:", *(f"{p}: {d} -> {s}" for p, d, s in outcomes), sep="\n  ")
     assert load.failures() == [], load.failures()[:5]
     assert {x.version for x in load.results} <= {"v1", "v2"}
+    assert stack.mismatches() == mism0
+
+
+def test_r3_sigkill_mid_delta_advance_resumes_with_nothing_inconsistent(stack: Stack) -> None:
+    """Deltas of the serving version under load; the controller SIGKILLed once the ranker
+    may read the new seq (the gate's begin): restarted, it resumes and commits, and no
+    request failed or mismatched (each answer's seq is checked by the ranker)."""
+    current = stack.ranker_status()["active"]
+    vdir = stack.store / MODEL / current
+    m = read_manifest(vdir)
+    table = m.tables[0]
+    rng = np.random.default_rng(12)
+    for _ in range(2):
+        rows = rng.choice(table.rows, 64, replace=False)
+        write_delta(vdir, {table.name: (rows, rng.standard_normal((64, table.dim)) * 0.01)})
+    target = list_seqs(vdir)[-1]
+    journal, mism0 = stack.dir / "delta.sqlite", stack.mismatches()
+    with Load(stack, threads=1) as load:
+        doomed = stack.controller("ctl_delta", journal, "--delta-poll-s", "0",
+                                  crash_at="delta_gate:begin")
+        doomed.start().wait_ready()
+        with httpx.Client(base_url=f"http://{doomed.address}") as c:
+            r = c.post(f"/v1/deltas/{MODEL}/advance", json={"to": target}, headers=AUTH)
+            assert r.status_code == 202, r.text
+        assert doomed.proc is not None
+        rc = doomed.proc.wait(timeout=60)
+        doomed.stop()
+        assert rc == -signal.SIGKILL, doomed.log_tail()
+        ctl = stack.controller("ctl_delta_restart", journal, "--delta-poll-s", "0",
+                               "--delta-gate-s", "0.5").start().wait_ready()
+        try:
+            with httpx.Client(base_url=f"http://{ctl.address}") as c:
+                deadline = time.monotonic() + 60
+                while (st := c.get(f"/v1/deltas/{MODEL}").json())["state"] == "advancing":
+                    assert time.monotonic() < deadline, st
+                    time.sleep(0.1)
+        finally:
+            ctl.stop()
+        time.sleep(0.5)  # some load at the committed seq
+    assert st["committed_seq"] == target, st
+    assert [x["seq"] for x in st["rankers"]] == [target]
+    assert all(target in x["readable_seqs"] for x in st["replicas"]), st["replicas"]
+    version = next(v for v in stack.ranker_status()["versions"] if v["version"] == current)
+    assert version["seq"] == target
+    assert len(load.results) > 20 and load.failures() == [], load.failures()[:5]
     assert stack.mismatches() == mism0
