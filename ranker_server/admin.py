@@ -18,7 +18,7 @@ Delta seqs (issue 12), the contract the deploy controller calls:
 
 S: an integer >= 0 (0 = the version's own rows, deltas 1..S applied otherwise); F, if
 given (a non-empty string), must be delta S's manifest fingerprint in the ranker's store
-(empty or absent: not checked; meaningless for S = 0). Before switching, the ranker
+(for S = 0: the version's own fingerprint; empty or absent: not checked). Before switching, the ranker
 checks that deltas 1..S of that version exist in its --store and form a verified chain at
 the manifest level (each manifest belongs to this build of the version, at its seq,
 linked to the one before); lowering S (a revert) is allowed. Batches formed after the

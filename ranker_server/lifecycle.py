@@ -123,10 +123,11 @@ class Lifecycle:
                                                 lv.checked)
             except DeltaError as e:
                 raise AdminError(422, f"cannot read {where}: {e}") from None
-            if fingerprint and (delta is None or delta.fingerprint != fingerprint):
+            # At seq 0 the chain's start: the version's own fingerprint.
+            have = delta.fingerprint if delta is not None else lv.fingerprint
+            if fingerprint and fingerprint != have:
                 raise AdminError(409, f"cannot read {where}: its fingerprint in {lv.path} is "
-                                 f"{delta.fingerprint if delta else 'none (seq 0)'}, not "
-                                 f"{fingerprint}")
+                                 f"{have}, not {fingerprint}")
             try:  # local tables read the deltas' rows: verified and folded before the switch
                 await asyncio.to_thread(self.source.open_seq, lv.manifest, seq)
             except DeltaError as e:

@@ -148,6 +148,8 @@ def test_admin_seq_endpoint_and_exact_reads(store: Path) -> None:
         info = r.json()
         assert (info["seq"], info["previous_seq"], info["version"]) == (2, 0, "v1")
         assert info["delta_fingerprint"].startswith("sha256:") and info["delta_written_at"] > 0
+        again = await put(2, fingerprint=info["delta_fingerprint"])  # idempotent, checked
+        assert (again.status_code, again.json()["previous_seq"]) == (200, 2)
         for q in reqs[:6]:
             seq, scores = await scored(q)
             assert seq == 2
@@ -171,7 +173,7 @@ def test_admin_seq_endpoint_and_exact_reads(store: Path) -> None:
         assert sample("ranker_delta_seq", {"model": "tiny", "version": "v1"}) == 1
         assert sample("ranker_delta_freshness_seconds_count", {"model": "tiny"}) == 1  # 0 -> 2
         assert 0 < sample("ranker_delta_age_seconds", {"model": "tiny", "version": "v1"}) < 600
-        assert (await put(0)).status_code == 200
+        assert (await put(0, fingerprint=info["fingerprint"])).status_code == 200  # V's own
         assert sample("ranker_delta_age_seconds", {"model": "tiny", "version": "v1"}) is None
 
     async def main() -> None:
