@@ -25,15 +25,15 @@ def plot(path: Path, title: str, t0: float, phases: Sequence[Phase], wins: Seque
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_auc, ax_seq, ax_lag) = plt.subplots(
-        3, 1, figsize=(11, 10), gridspec_kw={"height_ratios": [3, 2, 1.4]})
-    for ax in (ax_auc, ax_seq):
+    fig, (ax_auc, ax_gain, ax_seq, ax_lag) = plt.subplots(
+        4, 1, figsize=(11, 12.5), gridspec_kw={"height_ratios": [3, 1.6, 2, 1.4]})
+    for ax in (ax_auc, ax_gain, ax_seq):
         for k, p in enumerate(phases):
             ax.axvspan(p.start - t0, p.end - t0, color=PHASE_COLOURS[k % len(PHASE_COLOURS)],
                        zorder=0)
     for p in phases:
         ax_auc.text((p.start + p.end) / 2 - t0, 1.0, p.name, transform=ax_auc.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=9)
+                    ha="center", va="bottom", fontsize=7)
     mid = np.array([(w.start + w.end) / 2 - t0 for w in wins])
     ax_auc.plot(mid, [w.served_auc for w in wins], "o-", color="C0", ms=3,
                 label="served AUC (answers' scores vs labels)")
@@ -44,6 +44,14 @@ def plot(path: Path, title: str, t0: float, phases: Sequence[Phase], wins: Seque
     ax_auc.set_ylabel("AUC per window")
     ax_auc.legend(fontsize=7, loc="lower right")
     ax_auc.grid(alpha=0.3)
+
+    gain = [w.served_auc - w.baseline_auc for w in wins]
+    ax_gain.bar(mid, gain, width=0.8 * (wins[0].end - wins[0].start) if wins else 1.0,
+                color=["C2" if g >= 0 else "C3" for g in gain])
+    ax_gain.axhline(0, color="k", lw=0.8)
+    ax_gain.set_ylabel("served - static v1\n(same requests)")
+    ax_gain.grid(alpha=0.3)
+    ax_gain.set_xlim(ax_auc.get_xlim())
 
     for r in range(rankers):
         ts, seqs = seq_series([a for a in answers if a.ranker == r], delta_version)

@@ -98,6 +98,7 @@ def analyse(f: RunFacts, data: truth.EvalData, window_s: float
     failed = [a for a in f.answers if not a.ok]
     res = {
         "scenario": "fresh", "config": f.config, "rankers": f.rankers,
+        "eval_requests": len(data.requests),
         "phases": [{"name": p.name, "start_s": round(p.start - f.t0, 2),
                     "end_s": round(p.end - f.t0, 2)} for p in f.phases],
         "requests": len(f.answers), "failed": len(failed),
@@ -115,7 +116,7 @@ def analyse(f: RunFacts, data: truth.EvalData, window_s: float
                       "lags_s": {s: _r(v, 3) for s, v in lags_poll.items()},
                       "lags_from_answers_s": {s: _r(v, 3) for s, v in lags_answers.items()}},
         "auc": {"offline_whole_eval_set": {k: _r(v) for k, v in anchors.items()},
-                "phases": {k: {kk: _r(vv) for kk, vv in v.items()}
+                "phases": {k: {kk: _r(vv, 5 if "auc" in kk else 1) for kk, vv in v.items()}
                            for k, v in tl.phase_auc(f.answers, data.labels, baseline,
                                                     f.phases).items()},
                 "per_seq_v1": per_seq_auc(f.answers, data.labels, "v1"),
@@ -160,13 +161,15 @@ def summary(res: Mapping[str, Any], png: Path, json_path: Path, run_s: float) ->
              f"{mm['ranker_version_mismatch_total']:.0f})",
              f"deltas written {res['deltas']['written']}; freshness lag (written -> every ranker "
              f"serving it) p50 {fr['p50_s']} s, p99 {fr['p99_s']} s, max {fr['max_s']} s",
-             "", f"  {'phase':<22}{'requests':>9}{'served AUC':>12}{'static v1 AUC':>15}"]
+             "", f"  {'phase':<18}{'requests':>9}{'failed':>7}{'p50 ms':>8}{'p99 ms':>8}"
+                 f"{'served AUC':>12}{'static v1 AUC':>15}"]
     for name, p in ph.items():
-        lines.append(f"  {name:<22}{int(p['requests'] or 0):>9}{_fmt(p['served_auc']):>12}"
-                     f"{_fmt(p['baseline_auc']):>15}")
+        lines.append(f"  {name:<18}{int(p['requests'] or 0):>9}{int(p['failed'] or 0):>7}"
+                     f"{p['p50_ms'] or math.nan:>8.1f}{p['p99_ms'] or math.nan:>8.1f}"
+                     f"{_fmt(p['served_auc']):>12}{_fmt(p['baseline_auc']):>15}")
     lines += ["  (static v1 AUC: the same requests scored offline by static v1: the paired "
               "reference)", "",
-              "offline AUC on the whole eval set (4,000 day-1 requests): "
+              f"offline AUC on the whole eval set ({res['eval_requests']:,} day-1 requests): "
               + "; ".join(f"{k} {_fmt(v)}" for k, v in off.items()),
               f"rollout to v2: {res['rollout'].get('status')}",
               f"result {json_path}; plot {png}; run {run_s:.0f} s"]

@@ -113,16 +113,22 @@ def windows(answers: Sequence[Answer], labels: Sequence[npt.NDArray[np.float32]]
 
 def phase_auc(answers: Sequence[Answer], labels: Sequence[npt.NDArray[np.float32]],
               baseline: Sequence[Scores], phases: Sequence[Phase]) -> dict[str, dict[str, float]]:
-    """Per phase: requests, served AUC and the paired static baseline AUC of its answers."""
+    """Per phase: requests, failures, latency p50/p99 (ms), served AUC and the paired static
+    baseline AUC of its answers."""
     out: dict[str, dict[str, float]] = {}
     for p in phases:
-        rows = [a for a in answers if a.ok and p.start <= a.t_sent < p.end]
+        sent = [a for a in answers if p.start <= a.t_sent < p.end]
+        rows = [a for a in sent if a.ok]
+        lat = np.array([a.t_done - a.t_sent for a in rows]) * 1000
+        base = {"requests": len(sent), "failed": len(sent) - len(rows),
+                "p50_ms": float(np.percentile(lat, 50)) if rows else math.nan,
+                "p99_ms": float(np.percentile(lat, 99)) if rows else math.nan}
         if not rows:
-            out[p.name] = {"requests": 0, "served_auc": math.nan, "baseline_auc": math.nan}
+            out[p.name] = {**base, "served_auc": math.nan, "baseline_auc": math.nan}
             continue
         y = np.concatenate([labels[a.index] for a in rows])
         out[p.name] = {
-            "requests": len(rows),
+            **base,
             "served_auc": auc(y, np.concatenate([a.scores for a in rows if a.scores is not None])),
             "baseline_auc": auc(y, np.concatenate([baseline[a.index] for a in rows]))}
     return out

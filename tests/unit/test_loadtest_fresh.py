@@ -50,7 +50,8 @@ def test_phase_auc_splits_by_send_time() -> None:
     answers = [answer(float(i), i) for i in range(40)]
     phases = [tl.Phase("a", 0, 20), tl.Phase("b", 20, 40), tl.Phase("empty", 50, 60)]
     got = tl.phase_auc(answers, LABELS, GOOD, phases)
-    assert got["a"]["requests"] == 20 and got["b"]["requests"] == 20
+    assert got["a"]["requests"] == 20 and got["b"]["requests"] == 20 and got["a"]["failed"] == 0
+    assert got["a"]["p50_ms"] == pytest.approx(10.0)
     assert got["a"]["served_auc"] == pytest.approx(got["a"]["baseline_auc"])
     assert got["empty"]["requests"] == 0 and np.isnan(got["empty"]["served_auc"])
     assert tl.phase_of(25, phases) == "b" and tl.phase_of(45, phases) == ""
