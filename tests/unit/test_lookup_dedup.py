@@ -74,7 +74,7 @@ def test_remote_tables_return_the_same_rows_as_without_dedup(loop: asyncio.Runne
     t = table()
     fake = TableClient(t)
     version = cast(LoadedVersion, SimpleNamespace(
-        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint="")))
+        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint=""), seq=0))
     metrics = Metrics()
     remote = loop.run(_closed(lambda: RemoteTables([["127.0.0.1:9"]], 1.0, metrics=metrics)))
     remote.client = fake  # type: ignore[assignment]
