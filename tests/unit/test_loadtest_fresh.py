@@ -179,3 +179,32 @@ def test_store_copy_leaves_deltas_behind_and_phases_drop_empty_ones(tmp_path: Pa
     assert [p.name for p in m.phases()] == ["static v1", "deltas arriving", "v1 + all deltas",
                                             "rollout to v2", "v2"]
     assert [p.name for p in Marks(load=1, train=5, end=0).phases()] == ["static v1"]
+
+
+def test_offline_truth_catches_rows_of_another_seq(tmp_path: Path) -> None:
+    """Answers re-scored at the (version, seq) they name: another seq's scores, or a seq
+    never written, are mismatches; the right read's scores pass."""
+    from loadtest.stack.fresh_truth import EvalData, auc_at, for_answers, scores_at
+    from modelpack.delta_train import delta_train
+    from modelpack.delta_train_size import DeltaTrainSize
+    from modelpack.demo import DemoSize, build_demo_store
+
+    build_demo_store(tmp_path, DemoSize(rows=2000, requests=100, eval_requests=20), progress=False)
+    model = tmp_path / "ads_ctr"
+    delta_train(model / "v1", DeltaTrainSize(examples=1000, every=500, batch_size=256,
+                                             embedding_lr=0.1))
+    data = EvalData.load(model / "v2" / "eval.jsonl")
+    n = len(data.requests)
+    at1, at2 = (scores_at(model / "v1", s, data, range(n)) for s in (1, 2))
+    stale = max(range(n), key=lambda i: float(np.abs(at1[i] - at2[i]).max()))
+    assert float(np.abs(at1[stale] - at2[stale]).max()) > 2e-3  # delta 2 moved its scores
+    answers = [tl.Answer(0, 0, 0, i, 200, "v1", 2, at2[i]) for i in range(n)]
+    answers += [tl.Answer(0, 0, 1, stale, 200, "v1", 2, at1[stale]),  # seq 1's rows, naming 2
+                tl.Answer(0, 0, 1, 0, 200, "v1", 3, at2[0])]  # a seq never written
+    offline = for_answers(model, answers, data, ["v1", "v2"])
+    assert set(offline) == {("v1", 1), ("v1", 2)}
+    c = tl.check_answers(answers, offline, 2e-3)
+    assert c.checked == n + 2 and len(c.mismatched) == 2, c.mismatched
+    assert f"request {stale} from ranker 1 at v1@2" in c.mismatched[0]
+    assert "v1@3, which was never written" in c.mismatched[1]
+    assert 0.0 <= auc_at(model / "v1", 2, data) <= 1.0
