@@ -6,7 +6,20 @@ backend can act on. A shard serving another build is a version_mismatch (the ala
 never a score; a shard that does not hold the version is version_not_loaded (an
 ordinary state during a rollout or a restart, not the alarm). Every lookup names the
 batch's delta seq; an answer echoing another is the alarm too, and a shard none of whose
-replicas can read the seq is seq_not_applied (503: never served from other rows).
+replicas can read the seq is seq_not_applied (503: never served from other rows). A
+shard of which no replica holds the version READY (the client's routing table,
+embedding_server.routing) is no_replica_holds_version: 503 with Retry-After naming the
+shard and version, counted in ranker_no_replica_holds_version_total{shard, version}.
+
+The prepare handshake (`prepare`): every replica of every shard answers ListVersions with
+the shard index the ranker expects, and no replica holds another build of the version
+(a fingerprint mismatch always refuses: the alarm). Then `min_replicas` (per call, else
+the ranker's `prepare_min_replicas`): 0 (the default) = every replica holds it READY with
+our fingerprint (the in-place rollout: both versions on every replica); n >= 1 = at
+least n replicas of each shard do (a blue/green rollout, where a replica holds one
+version at a time: 1), and then a replica that does not answer is tolerated as long as
+n others do. Lookups go only to the replicas that hold it (routing), so a shard that
+passed with n >= 1 is served by those.
 """
 
 from __future__ import annotations
