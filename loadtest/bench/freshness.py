@@ -28,6 +28,7 @@ from typing import Any
 
 from loadtest.bench.plotting import Panel
 from loadtest.bench.record import RESULTS, BenchRecord
+from loadtest.harness.procfs import loadavg
 from loadtest.stack import fresh
 from loadtest.stack.demo import MODEL
 from loadtest.stack.fresh_truth import EvalData, auc_at
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(out=Path("build/bench-fresh"), every=80_000)
     args = p.parse_args(argv)
     scenario = own.parse_known_args(argv)[1]  # everything else is the scenario's
+    load_before = loadavg()  # the records are made after the scenario: its start's load here
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per admin poll otherwise
     code = fresh.main([*scenario, "--out", str(args.out), "--every", str(args.every)])
     res_path = args.out / "fresh.json"
     if not res_path.is_file():
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     res = json.loads(res_path.read_text())
     config = {**res["config"], "curve_step": args.curve_step, "scenario_exit": code,
+              "loadavg_before_scenario": load_before,
               "scenario_run_s": res.get("run_s")}
     data = EvalData.load(args.out / "store" / MODEL / "v2" / "eval.jsonl", args.eval_limit)
     curve = offline_curve(args.out / "store" / MODEL, res["deltas"]["last_seq"],

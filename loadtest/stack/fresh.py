@@ -234,7 +234,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("build/fresh"),
                    help="run directory: store copy, logs, fresh.json, fresh.png, summary.txt")
     p.add_argument("--rate", type=float, default=30.0, help="requests/s over both rankers")
-    p.add_argument("--static-s", type=float, default=20.0, help="seconds of static v1 first")
+    p.add_argument("--static-s", type=float, default=10.0,
+                   help="seconds of static v1 before delta-train starts (its own start-up, "
+                        "~15 s, adds to it)")
     p.add_argument("--examples", type=int, default=2_000_000,
                    help="delta-train examples (default: the demo's whole day 1, 2M)")
     p.add_argument("--every", type=int, default=100_000, help="examples per delta")
@@ -242,11 +244,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="controller's look at the delta directory (its --delta-poll-s)")
     p.add_argument("--commit-timeout-s", type=float, default=90.0,
                    help="longest wait for the controller to commit the last delta")
-    p.add_argument("--hold-s", type=float, default=20.0,
+    p.add_argument("--hold-s", type=float, default=15.0,
                    help="seconds of v1 + every delta before the rollout")
     p.add_argument("--canary", default="50,100", help="rollout canary shares")
     p.add_argument("--bake", type=float, default=5.0, help="seconds per canary step")
-    p.add_argument("--tail-s", type=float, default=20.0, help="seconds of v2 at the end")
+    p.add_argument("--tail-s", type=float, default=15.0, help="seconds of v2 at the end")
     p.add_argument("--window-s", type=float, default=10.0, help="AUC window (seconds)")
     p.add_argument("--eval-limit", type=int, default=0, help="use the first N eval requests")
     p.add_argument("--deadline-ms", type=int, default=5000,
