@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -285,12 +285,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra ranker flag (repeatable), e.g. --ranker-arg=--device=cpu")
     p.add_argument("--controller-arg", action="append", default=[],
                    help="extra controller flag (repeatable), e.g. --controller-arg=--gate-interval-s=1")
-    args = p.parse_args(argv)
+    return guarded(run, p.parse_args(argv))
+
+
+def guarded(scenario: Callable[[argparse.Namespace, Signals], int], args: argparse.Namespace
+            ) -> int:
+    """Run a scenario: SIGINT/SIGTERM stop it cleanly (130), its errors end it in one line (1)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signals = Signals()
     previous = {s: signal.signal(s, signals) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return run(args, signals)
+        return scenario(args, signals)
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"\ninterrupted ({e}); everything was stopped", file=sys.stderr)
         return 130

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ import httpx
 from loadtest.harness.probes import metric_sum
 from loadtest.stack import fresh_plot
 from loadtest.stack import fresh_timeline as tl
-from loadtest.stack.demo import DEMO_GATES, MODEL, Clock, Interrupted, Signals, rollout
+from loadtest.stack.demo import DEMO_GATES, MODEL, Clock, Signals, guarded, rollout
 from loadtest.stack.fresh_load import Load, SeqPoller
 from loadtest.stack.fresh_report import RunFacts, analyse, summary, verdict, written_times
 from loadtest.stack.fresh_truth import EvalData
@@ -264,21 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.stack.fresh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    signals = Signals()
-    previous = {s: signal.signal(s, signals) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return run(args, signals)
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"\ninterrupted ({e}); everything was stopped", file=sys.stderr)
-        return 130
-    except (StackError, subprocess.CalledProcessError, OSError, httpx.HTTPError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 1
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return guarded(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":
