@@ -162,6 +162,15 @@ async def set_version_seq(version: str, request: Request) -> Response:
     return _json({**st.registry.info(lv), "previous_seq": old})
 
 
+@router.get("/cache")
+async def cache_stats(request: Request) -> Response:
+    """The hot-row cache (--cache-bytes): size, policy, device, occupancy, and per version
+    its hits and misses (requested and unique), wire bytes saved, lookups skipped, entries,
+    bytes, evictions and invalidations; `{"enabled": false}` when off."""
+    cache = _state(request).cache
+    return _json({"enabled": False} if cache is None else {"enabled": True, **cache.stats()})
+
+
 @router.put("/split")
 async def set_split(request: Request) -> Response:
     """Body `{"split": {version: share}}`: prepared versions, shares >= 0 summing to 1."""

@@ -15,6 +15,8 @@ from starlette.types import Receive, Scope, Send
 
 from ranker_server import admin, api
 from ranker_server.batcher import Batcher
+from ranker_server.cache_metrics import CacheCollector
+from ranker_server.cached_tables import CachedTables, store_delta_rows
 from ranker_server.config import RankerConfig
 from ranker_server.device import Device
 from ranker_server.errors import AdminError, HttpError
@@ -24,6 +26,7 @@ from ranker_server.metrics import Metrics
 from ranker_server.pipeline import Pipeline
 from ranker_server.ports import AdminPortGate
 from ranker_server.remote_tables import RemoteTables
+from ranker_server.row_cache import RowCache
 from ranker_server.sources import TableSource
 from ranker_server.versions import VersionRegistry
 
@@ -42,6 +45,7 @@ class RankerState:
     batcher: Batcher
     device: Device
     admin_token: str | None
+    cache: RowCache | None = None  # the hot-row cache in front of `source` (--cache-bytes)
     draining: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -58,6 +62,18 @@ def _source(config: RankerConfig, metrics: Metrics) -> TableSource:
     return RemoteTables(config.embedding_shards, config.prepare_timeout_s,
                         lookup_token=config.embedding_token(),
                         transport=config.embedding_transport, metrics=metrics)
+
+
+def _cached(config: RankerConfig, metrics: Metrics, device: Device, source: TableSource
+            ) -> tuple[TableSource, RowCache | None]:
+    """`source` behind the row cache when --cache-bytes is set; its counters on /metrics."""
+    if config.cache_bytes == 0:
+        return source, None
+    cache = RowCache(config.cache_bytes, config.cache_policy, device.torch_device)
+    metrics.registry.register(CacheCollector(cache.stats))
+    log.info("row cache: %d bytes on %s, policy %s", config.cache_bytes, device.torch_device,
+             config.cache_policy)
+    return CachedTables(source, cache, store_delta_rows(config.store)), cache
 
 
 def _render(request: Request, exc: Exception) -> Response:
@@ -101,13 +117,13 @@ def create_app(config: RankerConfig, *, state_out: list[RankerState] | None = No
         batcher: Batcher | None = None
         state: RankerState | None = None
         try:
-            source = _source(config, metrics)
+            source, cache = _cached(config, metrics, device, _source(config, metrics))
             registry = VersionRegistry(config.model, metrics)
             lifecycle = Lifecycle(config, registry, source, device)
             pipeline = Pipeline(device, source, metrics, serial_lookups=config.debug_serial_lookups)
             batcher = Batcher(config, pipeline, metrics)
             state = RankerState(config, metrics, registry, lifecycle, source, batcher, device,
-                                config.admin_token())
+                                config.admin_token(), cache)
             try:
                 plan = await lifecycle.load_startup()
             except AdminError as e:

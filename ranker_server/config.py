@@ -8,6 +8,7 @@ from typing import Literal
 
 from modelpack.configcli import require_at_least, require_path, require_port
 from modelpack.schema import SchemaError, check_name
+from ranker_server.cache_policy import POLICIES, Policy
 
 DeviceKind = Literal["auto", "cuda", "cpu"]
 
@@ -62,6 +63,13 @@ class RankerConfig:
     "unary" (one Lookup call per shard per batch, for comparison and older shards)."""
     local_tables: bool = False
     """Read tables in-process from the store instead of calling embedding shards."""
+    cache_bytes: int = 0
+    """Bytes of the hot-row cache in front of the embedding tier, on --device (GPU memory on
+    CUDA, host memory on the CPU): packed INT4 rows keyed by (version, table, row), exact at
+    every delta seq; only misses go over the wire. 0: off (no cache)."""
+    cache_policy: Policy = "tinylfu"
+    """Row cache admission and eviction: tinylfu (a miss displaces the least recently used
+    row only if asked for more often) or lru (every miss admitted)."""
     device: DeviceKind = "auto"
     """Where the dense model runs: cuda, cpu, or auto (cuda when available)."""
     host: str = "127.0.0.1"
@@ -144,6 +152,10 @@ class RankerConfig:
         if self.embedding_transport not in ("stream", "unary"):
             raise ConfigError(f"embedding_transport: must be stream or unary, got "
                               f"{self.embedding_transport!r}")
+        require_at_least(ConfigError, 0, {"cache_bytes": self.cache_bytes})
+        if self.cache_policy not in POLICIES:
+            raise ConfigError(f"cache_policy: must be one of {', '.join(POLICIES)}, got "
+                              f"{self.cache_policy!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device: must be auto, cuda or cpu, got {self.device!r}")
         require_port(ConfigError, "port", self.port)

@@ -22,12 +22,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from modelpack.lookup import Packed, TableQuery
+from modelpack.lookup import TableQuery
 from modelpack.requests import DecodedRequest, FeatureRows, SparseColumn, plan_rows
 from modelpack.schema import FeatureSchema
 from modelpack.torch_ops import plan_bags, pool_bags
 from ranker_server.device import Device
-from ranker_server.sources import TableSource
+from ranker_server.sources import Answer, TableSource
 from ranker_server.versions import LoadedVersion
 
 T = TypeVar("T")
@@ -120,21 +120,35 @@ def stage_inputs(device: Device, requests: Sequence[DecodedRequest], merged: Dec
                   device.to_device(user_of))
 
 
-def stage_rows(device: Device, version: LoadedVersion, plan: LookupPlan, packed: list[Packed]
-               ) -> StagedRows:
+def stage_rows(device: Device, version: LoadedVersion, plan: LookupPlan,
+               packed: Sequence[Answer]) -> StagedRows:
     """Check each answer's shape against its query, lay the features' rows out as one set of
-    bags and copy it to the device (a short answer is refused here, never gathered past)."""
+    bags and copy it to the device (a short answer is refused here, never gathered past).
+    Answers already on the device (the row cache's, on CUDA) are laid out there."""
     if len(packed) != len(plan.queries):
         raise ValueError(f"{len(packed)} answers for {len(plan.queries)} table queries")
     for q, p in zip(plan.queries, packed, strict=True):
         want = (q.rows.size, version.tables[q.table].row_bytes)
-        if p.shape != want:
-            raise ValueError(f"table {q.table}: answer shaped {p.shape}, expected {want}")
-    bags = plan_bags([f.pooling for f in version.schema.sparse],
-                     [fr.offsets for fr in plan.features],
-                     [packed[q][a:b] for q, a, b in plan.segments])
-    return StagedRows(device.to_device(bags.rows), device.to_device(bags.offsets),
-                      device.to_device(bags.scale), bags.spans)
+        if tuple(p.shape) != want:
+            raise ValueError(f"table {q.table}: answer shaped {tuple(p.shape)}, expected {want}")
+    poolings = [f.pooling for f in version.schema.sparse]
+    offsets = [fr.offsets for fr in plan.features]
+    host = [p for p in packed if not isinstance(p, torch.Tensor)]
+    if len(host) == len(packed):
+        bags = plan_bags(poolings, offsets, [host[q][a:b] for q, a, b in plan.segments])
+        rows = device.to_device(bags.rows)
+    else:  # the bag plan from the row counts alone, the rows concatenated on the device
+        bags = plan_bags(poolings, offsets, [np.empty((b - a, 0), np.uint8)
+                                             for _, a, b in plan.segments])
+        rows = torch.cat([_on_device(device, packed[q][a:b]) for q, a, b in plan.segments])
+    return StagedRows(rows, device.to_device(bags.offsets), device.to_device(bags.scale),
+                      bags.spans)
+
+
+def _on_device(device: Device, rows: Answer) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return rows.to(device.torch_device)
+    return device.to_device(rows)
 
 
 @torch.inference_mode()
@@ -195,7 +209,7 @@ class Pipeline:
         lookup = asyncio.ensure_future(self.source.lookup(version, plan.queries, timeout_s,
                                                           seq=seq))
 
-        def looked_up(task: asyncio.Future[list[Packed]]) -> None:
+        def looked_up(task: asyncio.Future[Sequence[Answer]]) -> None:
             self.metrics.lookup_duration.observe(time.perf_counter() - started)
             if not task.cancelled():
                 task.exception()  # retrieved here too, in case staging failed first

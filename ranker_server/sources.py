@@ -4,9 +4,10 @@ Both sources (RemoteTables in remote_tables.py over the embedding shards, LocalT
 local_tables.py over in-process files) answer `lookup(version, queries, timeout_s)` with
 one uint8 (rows, 4 + dim/2) array per query, read at the batch's delta seq (None: the
 version's current one), and raise RankError on failure, so the pipeline does not care
-which it has. `open_seq` readies a seq before the ranker switches to it. `prepare` is
-the handshake that makes a version servable, and /readyz runs it for every version with
-traffic. No grpc here: the pipeline imports this module.
+which it has. CachedTables (cached_tables.py) wraps either with the row cache; on CUDA
+its answers are already device tensors. `open_seq` readies a seq before the ranker
+switches to it. `prepare` is the handshake that makes a version servable, and /readyz
+runs it for every version with traffic. No grpc here: the pipeline imports this module.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import torch
+
 from modelpack.lookup import Packed, TableQuery
 from modelpack.manifest import Manifest
 from ranker_server.versions import LoadedVersion
+
+# One table query's rows: host numpy, or (a cached source on CUDA) already on the device.
+Answer = Packed | torch.Tensor
 
 
 class PrepareError(Exception):
@@ -25,7 +31,7 @@ class PrepareError(Exception):
 
 class TableSource(Protocol):
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
-                     timeout_s: float, *, seq: int | None = None) -> list[Packed]: ...
+                     timeout_s: float, *, seq: int | None = None) -> Sequence[Answer]: ...
 
     async def prepare(self, manifest: Manifest) -> None: ...
 
