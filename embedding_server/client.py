@@ -14,18 +14,25 @@ shard whose every replica refuses fails the lookup in milliseconds.
 
 A lookup names a delta seq (LookupRequest.seq: the version's rows with deltas 1..seq
 applied) and every answer must echo it, as it echoes the fingerprint. A replica that
-cannot read that seq (`seq_not_applied`: not applied yet, or no longer readable) is a
-state of that replica, not of the shard: the lookup moves to a sibling that has not
-refused it (streams skip the refusing slot; unary trusts round_robin's next pick), and
-fails SeqNotAppliedError only when no replica can. Depends on protos and modelpack only
-(no FBGEMM, no server code).
+cannot read that seq (`seq_not_applied`: not applied yet, or no longer readable) or does
+not hold the version (`version_not_loaded`: a blue/green step unloading it) is a state of
+that replica, not of the shard: the lookup moves to a sibling that has not refused it
+(streams skip the refusing slot; unary calls the next replica on its own channel where
+the addresses are fixed, else trusts round_robin's next pick), and fails
+SeqNotAppliedError / VersionNotLoadedError only when no replica can.
+
+Version-aware routing (embedding_server.routing, the contract): where a shard is given
+as fixed replica addresses, a table of what each replica holds READY (refreshed every
+`routing_refresh_s`) sends a lookup only to the replicas that can answer it, balanced
+among them, and fails it at once when none can (NoReplicaHoldsVersionError). While every
+replica qualifies, both transports behave exactly as without the table. Depends on
+protos and modelpack only (no FBGEMM, no server code).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,83 +41,30 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from embedding_server.client_streams import AttemptFailed, ShardStreams, reason_of
-from modelpack.hashing import shard_bounds
-from modelpack.lookup import (
-    FINGERPRINT_MISMATCH,
-    SEQ_NOT_APPLIED,
-    VERSION_NOT_LOADED,
-    TableQuery,
-    split_rows,
+from embedding_server.routing import DEFAULT_REFRESH_S, RoutingTable
+from embedding_server.routing_calls import (
+    RETRY_ATTEMPTS,
+    RETRY_BUDGET_S,
+    EmbeddingLookupError,
+    NoReplicaHoldsVersionError,
+    SeqNotAppliedError,
+    ShardCalls,
+    VersionMismatchError,
+    VersionNotLoadedError,
+    replicas_target,
 )
+from modelpack.hashing import shard_bounds
+from modelpack.lookup import TableQuery, split_rows
 from protos import embedding_pb2 as pb
-from protos import embedding_pb2_grpc as pb_grpc
 
-_SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": "hybrid.embedding.v1.EmbeddingService"}],
-        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.005s", "maxBackoff": "0.05s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-})
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.keepalive_time_ms", 30_000),
-    # A restarted replica comes back on its old address: reconnect within a second, not
-    # after gRPC's default backoff (up to 120 s), so the fleet heals in seconds.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-_UNARY_OPTIONS = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1),
-                  *_CHANNEL_OPTIONS]
-# Streams retry in our own code (one rule for both transports), and gRPC's retry layer costs
-# every message on a stream a buffered copy and a filter pass: off.
-_STREAM_OPTIONS = [("grpc.enable_retries", 0), *_CHANNEL_OPTIONS]
-# UNAVAILABLE is retried this many times, and only this long after the first attempt: a
-# SIGTERM-drained or killed replica's lookups move to a sibling within a few ms, while a
-# shard with no live replica (every port refuses at once) fails fast instead of at the
-# deadline, so the ranker answers 503 with Retry-After rather than 504 a second later.
-RETRY_ATTEMPTS = 5
-RETRY_BUDGET_S = 0.1
+# The client's errors and retry bounds live with the call; every caller imports them here.
+__all__ = ["RETRY_ATTEMPTS", "RETRY_BUDGET_S", "EmbeddingClient", "EmbeddingLookupError",
+           "NoReplicaHoldsVersionError", "SeqNotAppliedError", "ShardPart",
+           "VersionMismatchError", "VersionNotLoadedError", "replicas_target", "split_query"]
+
 POOLING = {"none": pb.POOLING_NONE, "sum": pb.POOLING_SUM, "mean": pb.POOLING_MEAN}
 OUTPUT = {"int4": pb.OUTPUT_INT4_PACKED, "fp16": pb.OUTPUT_FP16, "fp32": pb.OUTPUT_FP32}
 TRANSPORTS = ("stream", "unary")
-
-
-class EmbeddingLookupError(Exception):
-    """A lookup that failed; `code` is the gRPC status of the failing shard, if any, and
-    `reason` the shard's machine-readable reason (protos/embedding.proto), if it gave one."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None, shard: int = -1,
-                 reason: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.shard = shard
-        self.reason = reason
-
-
-class VersionMismatchError(EmbeddingLookupError):
-    """A shard answered with, or holds, another model version or fingerprint than requested."""
-
-
-class VersionNotLoadedError(EmbeddingLookupError):
-    """A shard does not hold the requested version READY (not loaded yet, or unloading)."""
-
-
-class SeqNotAppliedError(EmbeddingLookupError):
-    """No replica of a shard can read the version at the requested delta seq."""
-
-
-def replicas_target(addresses: Sequence[str]) -> str:
-    """A gRPC target for a shard: one `dns:///...` target as is, or fixed `host:port` replicas."""
-    if len(addresses) == 1 and ":///" in addresses[0]:
-        return addresses[0]
-    if any(":///" in a for a in addresses):
-        raise ValueError(f"mix of resolver targets and addresses for one shard: {list(addresses)}")
-    return "ipv4:" + ",".join(addresses)
 
 
 @dataclass
@@ -123,13 +77,6 @@ class ShardPart:
 
 def _ascending(rows: npt.NDArray[np.int64]) -> bool:
     return rows.size < 2 or bool((rows[1:] > rows[:-1]).all())
-
-
-def _error(k: int, e: AttemptFailed, tried: str) -> EmbeddingLookupError:
-    """The client's exception for shard k's failure: its reason picks the class."""
-    cls = {VERSION_NOT_LOADED: VersionNotLoadedError, FINGERPRINT_MISMATCH: VersionMismatchError,
-           SEQ_NOT_APPLIED: SeqNotAppliedError}.get(e.reason, EmbeddingLookupError)
-    return cls(f"shard {k}: {e.code.name}: {e.message}{tried}", e.code, k, e.reason)
 
 
 def split_query(q: TableQuery, num_shards: int) -> list[ShardPart]:
@@ -172,7 +119,8 @@ class EmbeddingClient:
 
     def __init__(self, shards: Sequence[Sequence[str]], *, default_timeout_s: float = 1.0,
                  lookup_token: str | None = None, transport: str = "stream",
-                 on_seq_not_applied: Callable[[int], None] | None = None) -> None:
+                 on_seq_not_applied: Callable[[int], None] | None = None,
+                 routing_refresh_s: float = DEFAULT_REFRESH_S) -> None:
         if not shards:
             raise ValueError("need at least one embedding shard")
         if transport not in TRANSPORTS:
@@ -180,97 +128,29 @@ class EmbeddingClient:
         self.targets = [replicas_target(s) for s in shards]
         self.replicas = [list(s) for s in shards]
         self.default_timeout_s = default_timeout_s
-        # Sent with every Lookup, for shards started with --lookup-token-file.
-        self._metadata = (("authorization", f"Bearer {lookup_token}"),) if lookup_token else None
         self.transport = transport
-        # Called with the shard index on every replica's seq_not_applied (failed over or not).
-        self.on_seq_not_applied = on_seq_not_applied
-        self._streams = [ShardStreams(r, _STREAM_OPTIONS, self._metadata)
-                         for r in self.replicas] if transport == "stream" else []
-        self._channels = [grpc.aio.insecure_channel(t, options=_UNARY_OPTIONS)
-                          for t in self.targets] if transport == "unary" else []
-        self._stubs = [
-            pb_grpc.EmbeddingServiceStub(c)  # type: ignore[no-untyped-call]
-            for c in self._channels
-        ]
+        # Sent with every Lookup, for shards started with --lookup-token-file.
+        metadata = (("authorization", f"Bearer {lookup_token}"),) if lookup_token else None
+        self._calls = ShardCalls(shards, transport=transport, metadata=metadata,
+                                 on_seq_not_applied=on_seq_not_applied,
+                                 routing_refresh_s=routing_refresh_s)
+
+    @property
+    def routing(self) -> RoutingTable | None:
+        """Who holds what READY (None: routing off, routing_refresh_s 0)."""
+        return self._calls.routing
+
+    @property
+    def on_seq_not_applied(self) -> Callable[[int], None] | None:
+        """Called with the shard index on every replica's seq_not_applied."""
+        return self._calls.on_seq_not_applied
+
+    async def close(self) -> None:
+        await self._calls.close()
 
     @property
     def num_shards(self) -> int:
         return len(self.targets)
-
-    async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self._streams),
-                             *(c.close() for c in self._channels))
-
-    def _tries_for_seq(self, k: int) -> int:
-        """How many replicas of shard k a seq_not_applied lookup may be tried on."""
-        if self._streams:
-            return self._streams[k].size  # each slot once: the refusing ones are skipped
-        # Unary cannot pick the replica; round_robin moves on at each call, but only over
-        # connected ones: twice the replicas (a dns:/// target: at least one sibling).
-        return 2 * max(len(self.replicas[k]), 2)
-
-    async def _attempt(self, k: int, request: pb.LookupRequest, timeout_s: float,
-                       avoid: set[int]) -> pb.LookupResponse:
-        """One try at shard k, on the next replica not in `avoid`; AttemptFailed if it did
-        not answer rows."""
-        # The shard gives up on it at our deadline too, rather than gather rows nobody reads.
-        request.timeout_s = timeout_s
-        if self._streams:
-            return await self._streams[k].lookup(request, timeout_s, avoid)
-        try:
-            resp: pb.LookupResponse = await self._stubs[k].Lookup(
-                request, timeout=timeout_s, metadata=self._metadata)
-            return resp
-        except grpc.aio.AioRpcError as e:
-            raise AttemptFailed(e.code(), reason_of(e.trailing_metadata()),
-                                e.details() or "") from None
-
-    async def _call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:
-        first_failure = 0.0
-        attempt = 0
-        refused: set[int] = set()  # stream slots that cannot read the seq
-        seq_refusals: list[AttemptFailed] = []
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EmbeddingLookupError(f"shard {k}: deadline exceeded",
-                                           grpc.StatusCode.DEADLINE_EXCEEDED, k)
-            try:
-                return await self._attempt(k, request, remaining, refused)
-            except AttemptFailed as e:
-                attempt += 1
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if e.reason == SEQ_NOT_APPLIED:
-                    # That replica's state, not the shard's: a sibling may read the seq.
-                    seq_refusals.append(e)
-                    refused.add(e.replica)
-                    if self.on_seq_not_applied is not None:
-                        self.on_seq_not_applied(k)
-                    if len(seq_refusals) < self._tries_for_seq(k):
-                        if not self._streams:  # let round_robin connect the others
-                            await asyncio.sleep(min(0.005 * len(seq_refusals), 0.02))
-                        continue
-                elif seq_refusals and e.code == grpc.StatusCode.UNAVAILABLE:
-                    # The replicas that did not refuse it are down: the shard cannot read it.
-                    e = AttemptFailed(seq_refusals[-1].code, SEQ_NOT_APPLIED,
-                                      f"{seq_refusals[-1].message}; the other replicas: "
-                                      f"{e.message}")
-                # UNAVAILABLE: the replica is down or draining; the next try goes to the next
-                # replica. A draining replica answered, so a sibling may well be up: retry until
-                # the deadline. One that cannot be reached gets a few quick tries, so a shard
-                # with no live replica fails in milliseconds instead of at the deadline.
-                # The budget counts from the first failure: a lookup that waited long on a
-                # replica that then died (a stream reset mid-flight) still gets its quick tries.
-                if e.code == grpc.StatusCode.UNAVAILABLE and now < deadline and (
-                        e.draining or (attempt < RETRY_ATTEMPTS
-                                       and now - first_failure < RETRY_BUDGET_S)):
-                    await asyncio.sleep(min(0.005 * (attempt - 1), 0.02))
-                    continue
-                tried = (f" (after {attempt} attempts in {(now - first_failure) * 1000:.0f} ms)"
-                         if attempt > 1 else "")
-                raise _error(k, e, tried) from None
 
     async def lookup(self, model: str, version: str, fingerprint: str,
                      queries: Sequence[TableQuery], timeout_s: float | None = None, *,
@@ -283,6 +163,8 @@ class EmbeddingClient:
         """
         budget = timeout_s if timeout_s is not None else self.default_timeout_s
         deadline = time.monotonic() + budget
+        if self._calls.routing is not None:
+            self._calls.routing.start()
         split = [split_query(q, self.num_shards) for q in queries]
         requests = [
             pb.LookupRequest(model=model, version=version, fingerprint=fingerprint, seq=seq,
@@ -290,7 +172,7 @@ class EmbeddingClient:
             for k in range(self.num_shards)
         ]
         answers = await asyncio.gather(
-            *(self._call(k, r, deadline) for k, r in enumerate(requests)))
+            *(self._calls.call(k, r, deadline) for k, r in enumerate(requests)))
         # Without a fingerprint to check, the shards must at least agree with each other:
         # two builds published under one version name must never be merged into one answer.
         expected = fingerprint or (answers[0].fingerprint if answers else "")
@@ -339,14 +221,8 @@ class EmbeddingClient:
             merged[pos] = data.reshape(-1, width)
         return merged
 
-    async def list_versions(self, timeout_s: float = 2.0) -> list[list[pb.ListVersionsResponse]]:
-        """ListVersions from every replica of every shard (the prepare handshake asks all)."""
-
-        async def one(addr: str) -> pb.ListVersionsResponse:
-            target = addr if ":///" in addr else "ipv4:" + addr
-            async with grpc.aio.insecure_channel(target) as ch:
-                resp: pb.ListVersionsResponse = await pb_grpc.EmbeddingServiceStub(ch).ListVersions(  # type: ignore[no-untyped-call]
-                    pb.ListVersionsRequest(), timeout=timeout_s)
-                return resp
-
-        return [list(await asyncio.gather(*(one(a) for a in reps))) for reps in self.replicas]
+    async def list_versions(self, timeout_s: float = 2.0
+                            ) -> list[list[pb.ListVersionsResponse | grpc.aio.AioRpcError]]:
+        """ListVersions from every replica of every shard (the prepare handshake asks all),
+        each answer or the replica's error; every answer also feeds the routing table."""
+        return await self._calls.list_versions(timeout_s)

@@ -195,6 +195,11 @@ class ShardStreams:
         self._turn = itertools.cycle(range(len(self._replicas)))
         self._ids = itertools.count(1)
 
+    def channel(self, i: int) -> grpc.aio.Channel:
+        """The channel of the i-th address given (one per address; for fixed addresses,
+        slot i's replica): the routing table asks it ListVersions."""
+        return self._channels[i]
+
     @property
     def size(self) -> int:
         """Stream slots (replicas, or picks of a dns target) a lookup can be tried on."""

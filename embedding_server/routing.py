@@ -156,7 +156,7 @@ class RoutingTable:
             return EVERY_REPLICA
         return Choice(frozenset(ok), holders, tuple(others))
 
-    def describe(self, k: int, model: str, version: str) -> str:
+    def describe(self, k: int, model: str) -> str:
         """What each replica of shard k holds of `model`, for an error message."""
         parts = []
         for addr, held in zip(self.addresses[k], self.held[k], strict=True):

@@ -31,14 +31,17 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import Counter
 
 from embedding_server.client import (
     EmbeddingClient,
     EmbeddingLookupError,
+    NoReplicaHoldsVersionError,
     SeqNotAppliedError,
     VersionMismatchError,
     VersionNotLoadedError,
 )
+from embedding_server.routing import DEFAULT_REFRESH_S
 from modelpack.lookup import Packed, TableQuery, unique_rows
 from modelpack.manifest import Manifest
 from ranker_server.errors import RankError
@@ -46,6 +49,7 @@ from ranker_server.sources import PrepareError
 from ranker_server.versions import LoadedVersion
 
 if TYPE_CHECKING:
+    from protos.embedding_pb2 import VersionInfo
     from ranker_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -57,11 +61,21 @@ class RemoteTables:
 
     def __init__(self, shards: Sequence[Sequence[str]], prepare_timeout_s: float, *,
                  lookup_token: str | None = None, transport: str = "stream",
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, prepare_min_replicas: int = 0,
+                 routing_refresh_s: float = DEFAULT_REFRESH_S) -> None:
+        if prepare_min_replicas < 0:
+            raise ValueError(f"prepare_min_replicas must be >= 0, got {prepare_min_replicas}")
         self.client = EmbeddingClient(shards, lookup_token=lookup_token, transport=transport,
-                                      on_seq_not_applied=self._seq_not_applied)
+                                      on_seq_not_applied=self._seq_not_applied,
+                                      routing_refresh_s=routing_refresh_s)
         self.prepare_timeout_s = prepare_timeout_s
+        self.prepare_min_replicas = prepare_min_replicas
         self.metrics = metrics
+        # Here rather than in ranker_server.metrics: only lookups over remote shards fail so.
+        self.no_replica_holds_version = None if metrics is None else Counter(
+            "ranker_no_replica_holds_version", "Lookups failed at once because no replica of a "
+            "shard holds the version READY (the client's routing table).", ["shard", "version"],
+            registry=metrics.registry)
 
     def _seq_not_applied(self, shard: int) -> None:
         if self.metrics is not None:
@@ -89,39 +103,42 @@ class RemoteTables:
             out = await self.client.lookup(m.model, m.version, m.fingerprint, sent,
                                            timeout_s=timeout_s, seq=seq)
         except EmbeddingLookupError as e:
+            if isinstance(e, NoReplicaHoldsVersionError) and self.no_replica_holds_version is not None:
+                self.no_replica_holds_version.labels(str(e.shard), m.version).inc()
             raise _lookup_error(m, seq, e) from None
         return [np.asarray(a if inv is None else a[inv], dtype=np.uint8)
                 for a, inv in zip(out, inverses, strict=True)]
 
-    async def prepare(self, manifest: Manifest) -> None:
-        """Every replica of every shard must list this version READY with our fingerprint."""
+    async def prepare(self, manifest: Manifest, *, min_replicas: int | None = None) -> None:
+        """The prepare handshake (the module docstring's rule); `min_replicas` None: the
+        ranker's prepare_min_replicas (0: every replica)."""
         want = f"{manifest.model}/{manifest.version}"
-        try:
-            answers = await self.client.list_versions(timeout_s=self.prepare_timeout_s)
-        except grpc.aio.AioRpcError as e:
-            raise PrepareError(f"cannot prepare {want}: a shard replica did not answer "
-                               f"ListVersions: {e.code().name}: {e.details()}") from None
+        need = self.prepare_min_replicas if min_replicas is None else min_replicas
+        answers = await self.client.list_versions(timeout_s=self.prepare_timeout_s)
         shards = len(answers)
         for k, replicas in enumerate(answers):
+            holders: list[str] = []
+            lacking: list[str] = []  # why each other replica does not count
             for r, resp in enumerate(replicas):
                 where = f"shard {k} replica {self.client.replicas[k][r]}"
+                if isinstance(resp, grpc.aio.AioRpcError):
+                    lacking.append(f"{where} did not answer ListVersions: {resp.code().name}: "
+                                   f"{resp.details()}")
+                    continue
                 if resp.shard != k or resp.num_shards != shards:
                     raise PrepareError(f"{where} says it is shard {resp.shard} of "
                                        f"{resp.num_shards}, the ranker expects shard {k} of "
                                        f"{shards}: check the order of --embedding-shards")
-                held = [v for v in resp.versions
-                        if v.model == manifest.model and v.version == manifest.version]
-                if not held:
-                    others = ", ".join(f"{v.model}/{v.version}" for v in resp.versions) or "none"
-                    raise PrepareError(f"{where} does not hold {want} (it holds: {others})")
-                info = held[0]
-                if info.state != _READY:
-                    raise PrepareError(f"{where} holds {want} in state {info.state} (not READY)"
-                                       + (f": {info.error}" if info.error else ""))
-                if info.fingerprint != manifest.fingerprint:
-                    raise PrepareError(f"{where} serves {want} with fingerprint "
-                                       f"{info.fingerprint}, the ranker's manifest has "
-                                       f"{manifest.fingerprint}")
+                why = _not_held(where, want, manifest.fingerprint, list(resp.versions))
+                if why is None:
+                    holders.append(where)
+                else:
+                    lacking.append(why)
+            enough = len(holders) >= min(need, len(replicas)) if need else not lacking
+            if not enough:
+                tail = "" if not need else (f" ({len(holders)} of shard {k}'s replicas hold it, "
+                                            f"{need} needed)")
+                raise PrepareError(f"{lacking[0]}{tail}")
 
     def open_version(self, manifest: Manifest) -> None:
         return None
@@ -136,6 +153,24 @@ class RemoteTables:
         await self.client.close()
 
 
+def _not_held(where: str, want: str, fingerprint: str, held: list[VersionInfo]
+              ) -> str | None:
+    """None if the replica holds `want` READY with `fingerprint`, else why not; another
+    build of it is never just "not held": PrepareError at once (the alarm)."""
+    mine = [v for v in held if f"{v.model}/{v.version}" == want]
+    if not mine:
+        others = ", ".join(f"{v.model}/{v.version}" for v in held) or "none"
+        return f"{where} does not hold {want} (it holds: {others})"
+    info = mine[0]
+    if info.fingerprint and info.fingerprint != fingerprint:
+        raise PrepareError(f"{where} serves {want} with fingerprint {info.fingerprint}, the "
+                           f"ranker's manifest has {fingerprint}")
+    if info.state != _READY:
+        return (f"{where} holds {want} in state {info.state} (not READY)"
+                + (f": {info.error}" if info.error else ""))
+    return None
+
+
 def _mismatch(m: Manifest, said: str) -> RankError:
     return RankError(503, "version_mismatch",
                      f"version mismatch: request pinned to {m.model}/{m.version} "
@@ -145,6 +180,10 @@ def _mismatch(m: Manifest, said: str) -> RankError:
 def _lookup_error(m: Manifest, seq: int, e: EmbeddingLookupError) -> RankError:
     if isinstance(e, VersionMismatchError):
         return _mismatch(m, str(e))
+    if isinstance(e, NoReplicaHoldsVersionError):
+        return RankError(503, "no_replica_holds_version",
+                         f"no_replica_holds_version: no replica of shard {e.shard} holds "
+                         f"{m.model}/{m.version} READY: {e}", retry_after_s=1)
     if isinstance(e, SeqNotAppliedError):
         return RankError(503, "seq_not_applied",
                          f"seq_not_applied: no replica of shard {e.shard} can read "
