@@ -22,7 +22,8 @@ READY, UNLOADING = pb.VERSION_STATE_READY, pb.VERSION_STATE_UNLOADING
 SHARDS = [["10.0.0.1:1", "10.0.0.2:1"], ["10.0.0.3:1", "10.0.0.4:1"]]
 
 
-def answer(*held: tuple[str, str, int, list[int]]) -> pb.ListVersionsResponse:
+def answer(*held: tuple[str, str, pb.VersionState, list[int]]
+           ) -> pb.ListVersionsResponse:
     """A ListVersions answer holding (version, fingerprint, state, readable seqs)."""
     return pb.ListVersionsResponse(versions=[
         pb.VersionInfo(model="m", version=v, fingerprint=fp, state=st, readable_seqs=seqs)
