@@ -24,7 +24,7 @@ import torch
 from embedding_server.config import ServerConfig
 from embedding_server.errors import OVER_LIMIT, ServiceError
 from embedding_server.fbgemm_tbe import Output, Pooling
-from embedding_server.overlay import OverlayState, TableOverlay
+from embedding_server.overlay import Hits, OverlayState, TableOverlay
 from embedding_server.served_table import Segment, ServedTable
 from embedding_server.table_store import LoadedVersion
 from embedding_server.wire import id_field, response_head, result_head, seq_field
@@ -191,9 +191,9 @@ def _gather(g: Group) -> npt.NDArray[np.generic]:
     assert t is not None and idx is not None  # resolved
     if g.overlay is not None:
         # idx is local to the one segment, which starts at the shard's first row, or global.
-        pos = g.overlay.hits(idx if s is not None else idx - t.start)
-        if pos is not None:
-            return _overlaid(g, g.overlay, pos)
+        hits = g.overlay.hits(idx if s is not None else idx - t.start)
+        if hits is not None:
+            return _overlaid(g, g.overlay, hits)
     if g.output == pb.OUTPUT_INT4_PACKED:
         return s.take(idx) if s is not None else t.gather(idx)
     kind, output = _KERNEL_POOLING[g.pooling], _KERNEL_OUTPUT[g.output]
@@ -203,14 +203,14 @@ def _gather(g: Group) -> npt.NDArray[np.generic]:
     return t.lookup(idx, g.offsets, kind, output).numpy()
 
 
-def _overlaid(g: Group, ov: TableOverlay, pos: npt.NDArray[np.intp]) -> npt.NDArray[np.generic]:
+def _overlaid(g: Group, ov: TableOverlay, hits: Hits) -> npt.NDArray[np.generic]:
     """_gather for a group some of whose rows the delta overlay replaces."""
     t, s, idx = g.table, g.segment, g.index
     assert t is not None and idx is not None  # resolved
     rows = idx + t.start if s is not None else idx  # global
     if g.output == pb.OUTPUT_INT4_PACKED:
-        return ov.patch(s.take(idx) if s is not None else t.gather(idx), rows, pos)
-    return ov.lookup(t, rows, pos, g.offsets, _KERNEL_POOLING[g.pooling],
+        return ov.patch(s.take(idx) if s is not None else t.gather(idx), hits)
+    return ov.lookup(t, rows, hits, g.offsets, _KERNEL_POOLING[g.pooling],
                      _KERNEL_OUTPUT[g.output]).numpy()
 
 

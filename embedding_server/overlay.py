@@ -31,20 +31,19 @@ from modelpack.delta_read import TableDelta, fold
 from modelpack.lookup import Packed
 
 Rows = npt.NDArray[np.int64]
-_BIT = np.left_shift(np.uint8(1), np.arange(8, dtype=np.uint8))  # bit i of a byte, little-endian
-
-
-def _bitset(local: Rows, size: int) -> npt.NDArray[np.uint8]:
-    """Bits set at `local` (sorted unique, in [0, size)), little-endian within each byte."""
-    bits = np.zeros((size + 7) // 8, dtype=np.uint8)
-    if local.size:
-        byte = local >> 3
-        first = np.flatnonzero(np.diff(byte, prepend=-1))  # where each byte's run starts (sorted)
-        bits[byte[first]] = np.bitwise_or.reduceat(_BIT[local & 7], first)
-    return bits
-
-
+Words = npt.NDArray[np.int64]
 A = TypeVar("A", bound=npt.NDArray[np.generic])
+
+
+def _bitset(local: Rows, size: int) -> Words:
+    """Bits set at `local` (sorted unique, in [0, size)), bit i of word i // 64 = row i."""
+    words = np.zeros((size + 63) // 64, dtype=np.uint64)
+    if local.size:
+        word = local >> 6
+        first = np.flatnonzero(np.diff(word, prepend=-1))  # where each word's run starts (sorted)
+        one = np.uint64(1)
+        words[word[first]] = np.bitwise_or.reduceat(one << (local & 63).astype(np.uint64), first)
+    return words.view(np.int64)
 
 
 def _own(a: A) -> A:
@@ -55,13 +54,26 @@ def _own(a: A) -> A:
 
 
 @dataclass(frozen=True)
-class TableOverlay:
-    """One table's replaced rows on this shard at one seq (at least one row)."""
+class Hits:
+    """The rows of one request that an overlay replaces."""
 
-    start: int  # the shard's first row of the table (bit 0 of `bits`)
+    pos: npt.NDArray[np.intp]  # their positions in the request, ascending
+    index: Rows  # their rows in the overlay (`packed`, the kernel)
+
+
+@dataclass(frozen=True)
+class TableOverlay:
+    """One table's replaced rows on this shard at one seq (at least one row).
+
+    Membership is one bit per row of [start, stop) in 64-bit words, and a replaced row's
+    place in `packed` is its rank: the set bits before it (`rank` per word, popcount
+    within it), so a request costs a handful of vectorized ops and no binary search."""
+
+    start: int  # the shard's first row of the table (bit 0)
     rows: Rows  # sorted unique global rows in [start, stop)
     packed: Packed  # uint8 (rows, row_bytes), C-contiguous
-    bits: npt.NDArray[np.uint8]  # one bit per row of [start, stop): replaced or not
+    words: Words  # the bitset over [start, stop)
+    rank: npt.NDArray[np.int64]  # set bits in words[:w], per word w
     kernel: Int4Kernel = field(repr=False)
 
     @classmethod
@@ -71,44 +83,55 @@ class TableOverlay:
         # rows) alive, uncounted; a merge's output is already its own.
         rows, packed = _own(rows), _own(packed)
         kernel = Int4Kernel(name, int(rows.size), dim, torch.from_numpy(packed))
-        return cls(start, rows, packed, _bitset(rows - start, stop - start), kernel)
+        words = _bitset(rows - start, stop - start)
+        rank = np.zeros(words.size, dtype=np.int64)
+        np.cumsum(np.bitwise_count(words.view(np.uint64))[:-1], out=rank[1:])  # popcount of raw bits
+        return cls(start, rows, packed, words, rank, kernel)
 
     @property
     def nbytes(self) -> int:
         """What the overlay costs in memory (counted in the shard's budget)."""
-        return int(self.rows.nbytes + self.packed.nbytes + self.bits.nbytes)
+        return int(self.rows.nbytes + self.packed.nbytes + self.words.nbytes + self.rank.nbytes)
 
     def delta(self) -> TableDelta:
         return TableDelta(self.rows, self.packed)
 
-    def hits(self, local: Rows) -> npt.NDArray[np.intp] | None:
-        """Positions of the request's rows (`local` = row - start) that the overlay replaces;
-        None when there are none (the common, cheap case)."""
-        hit = np.take(self.bits, local >> 3) & np.take(_BIT, local & 7)
-        return np.flatnonzero(hit) if hit.any() else None
+    def hits(self, local: Rows) -> Hits | None:
+        """Which of a request's rows (`local` = row - start, all in range) the overlay
+        replaces, and where they are in it; None when none are (the cheap case)."""
+        # Signed words (bit 63 shifts in ones, & 1 still reads it): int64 indices and
+        # shifts take numpy's fast paths, and nonzero is fastest on a bool array.
+        w = local >> 6
+        word = np.take(self.words, w)
+        bit = local & 63
+        pos = np.flatnonzero(((word >> bit) & 1).astype(bool))
+        if not pos.size:
+            return None
+        below = word[pos] & ((1 << bit[pos]) - 1)  # the row's word, the bits before it
+        return Hits(pos, np.take(self.rank, w[pos]) + np.bitwise_count(below))
 
-    def where(self, global_rows: Rows) -> npt.NDArray[np.intp]:
-        """Index into `rows`/`packed` of rows known to be replaced."""
-        return np.searchsorted(self.rows, global_rows)
-
-    def patch(self, base: Packed, global_rows: Rows, pos: npt.NDArray[np.intp]) -> Packed:
-        """Packed answer: `base` (V's rows for the request, a fresh array) with the hit
-        positions replaced by the overlay's bytes."""
+    def patch(self, base: Packed, hits: Hits) -> Packed:
+        """Packed answer: `base` (V's rows for the request) with the hits replaced."""
         if not base.flags.writeable:
             base = base.copy()
-        base[pos] = self.packed[self.where(global_rows[pos])]
+        base[hits.pos] = np.take(self.packed, hits.index, axis=0)
         return base
 
-    def lookup(self, table: ServedTable, global_rows: Rows, pos: npt.NDArray[np.intp],
+    def lookup(self, table: ServedTable, global_rows: Rows, hits: Hits,
                offsets: torch.Tensor | None, pooling: Pooling, output: Output) -> torch.Tensor:
         """Dequantized or pooled answer: hit rows from the overlay's kernel, the rest from V."""
-        hit_part = Part(pos.astype(np.int64), self.kernel, self.where(global_rows[pos]).astype(np.int64))
+        idx = torch.from_numpy(hits.index)
+        if offsets is None:  # every row through V's kernel at once, then the hits replaced
+            out = table.lookup(global_rows, None, "sum", output)
+            one_each = torch.arange(hits.pos.size + 1, dtype=torch.int64)
+            out.numpy()[hits.pos] = self.kernel.lookup(idx, one_each, "sum", output).numpy()
+            return out
         miss = np.ones(global_rows.size, dtype=bool)
-        miss[pos] = False
+        miss[hits.pos] = False
         miss_pos = np.flatnonzero(miss)
-        parts = [hit_part]
+        parts = [Part(hits.pos, self.kernel, hits.index)]
         if miss_pos.size:
-            parts += [Part(miss_pos[p.pos], p.kernel, p.local) for p in table.parts(global_rows[miss_pos])]
+            parts += table.parts(global_rows[miss_pos], miss_pos)
         return lookup_parts(parts, global_rows.size, table.spec.dim, offsets, pooling, output)
 
 

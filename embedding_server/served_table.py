@@ -114,15 +114,17 @@ class ServedTable:
                                    pooling, output)
         return lookup_parts(self.parts(rows), rows.size, self.spec.dim, offsets, pooling, output)
 
-    def parts(self, rows: npt.NDArray[np.int64]) -> list[Part]:
-        """`rows` (global, within [start, stop)) routed to the segments holding them."""
+    def parts(self, rows: npt.NDArray[np.int64], at: npt.NDArray[np.int64] | None = None) -> list[Part]:
+        """`rows` (global, within [start, stop)) routed to the segments holding them; `at`:
+        their (ascending) positions in the request, default 0..n-1."""
+        at = np.arange(rows.size, dtype=np.int64) if at is None else at
         if (s := self._only_segment(rows)) is not None:
-            return [Part(np.arange(rows.size, dtype=np.int64), s.kernel, rows - s.start)]
+            return [Part(at, s.kernel, rows - s.start)]
         out = []
         for k, pos in enumerate(split_rows(rows, self._file_start)):
             if pos.size:
                 seg = self._by_file[k]
-                out.append(Part(pos, seg.kernel, rows[pos] - seg.start))
+                out.append(Part(at[pos], seg.kernel, rows[pos] - seg.start))
         return out
 
 
@@ -148,13 +150,16 @@ def lookup_parts(parts: Sequence[Part], num_rows: int, dim: int, offsets: torch.
             one_each = torch.arange(p.pos.size + 1, dtype=torch.int64)
             out[p.pos] = p.kernel.lookup(torch.from_numpy(p.local), one_each, "sum", output).numpy()
         return torch.from_numpy(out)
-    bags = int(offsets.numel()) - 1
-    bag = np.repeat(np.arange(bags), np.diff(offsets.numpy()))  # each row's bag
-    total = torch.zeros((bags, dim), dtype=torch.float32)
+    bounds = offsets.numpy()
+    total: torch.Tensor | None = None
     for p in parts:
-        part_offsets = np.zeros(bags + 1, dtype=np.int64)
-        np.cumsum(np.bincount(bag[p.pos], minlength=bags), out=part_offsets[1:])
-        total += p.kernel.lookup(torch.from_numpy(p.local), torch.from_numpy(part_offsets), "sum", "fp32")
+        # A part's rows before each bag boundary: its positions are ascending, so one
+        # binary search per bag (no per-row bag ids).
+        part_offsets = torch.from_numpy(np.searchsorted(p.pos, bounds).astype(np.int64, copy=False))
+        sums = p.kernel.lookup(torch.from_numpy(p.local), part_offsets, "sum", "fp32")
+        total = sums if total is None else total.add_(sums)
+    if total is None:  # no parts: no rows, every bag empty
+        total = torch.zeros((int(offsets.numel()) - 1, dim), dtype=torch.float32)
     if pooling == "mean":
-        total /= torch.diff(offsets).clamp(min=1).unsqueeze(1).to(torch.float32)
-    return total.to(_DTYPES[output])
+        total.div_(torch.diff(offsets).clamp_(min=1).unsqueeze_(1))
+    return total if output == "fp32" else total.to(_DTYPES[output])

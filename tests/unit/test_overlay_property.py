@@ -37,7 +37,9 @@ PROPERTY = settings(deadline=None, database=None, derandomize=True, max_examples
 ROWS = 1000  # tiny/v1's unified table, two files of 500 rows
 # Deltas and reads draw from these rows so that they meet often, on both sides of the file
 # boundary (500) and of the shard boundaries.
-HOT = np.unique(np.concatenate([np.arange(0, 1000, 37), np.arange(490, 510), [0, 999]]))
+# Also each shard range's bits 63 and 0 of a 64-row word (the signed-word edge).
+EDGES = [s + o for s in (0, 333, 500, 666) for o in (63, 64, 127)]
+HOT = np.unique(np.concatenate([np.arange(0, 1000, 37), np.arange(490, 510), [0, 999], EDGES]))
 SHARDINGS = [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]  # (shard, num_shards)
 
 delta_st = st.tuples(st.sets(st.integers(0, HOT.size - 1), min_size=1, max_size=25),

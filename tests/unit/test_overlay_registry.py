@@ -37,8 +37,8 @@ def read(reg: VersionRegistry, seq: int) -> np.ndarray:
     try:
         out = loaded.tables["unified"].gather(ROWS)
         ov = state.tables.get("unified")
-        if ov is not None and (pos := ov.hits(ROWS)) is not None:
-            out = ov.patch(out, ROWS, pos)
+        if ov is not None and (hits := ov.hits(ROWS)) is not None:
+            out = ov.patch(out, hits)
         return out
     finally:
         reg.release(e)
