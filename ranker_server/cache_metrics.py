@@ -49,8 +49,8 @@ class CacheCollector(Collector):
         for v in st["versions"]:
             name = v["version"]
             for kind in ("requested", "unique"):
-                for result in ("hit", "miss"):
-                    rows.add_metric([name, kind, result], v[f"{kind}_{result}s"])
+                for result, key in (("hit", "hits"), ("miss", "misses")):
+                    rows.add_metric([name, kind, result], v[f"{kind}_{key}"])
             for k, fam in counters.items():
                 fam.add_metric([name], v[k])
             entries.add_metric([name], v["entries"])
