@@ -1,6 +1,8 @@
 """The controller's HTTP API (FastAPI). Mutating calls need `Authorization: Bearer <token>`.
 
-    POST /v1/rollouts                  {model, version, canary?: [5, 25, 100], bake_s?}
+    POST /v1/rollouts                  {model, version, canary?: [5, 25, 100], bake_s?,
+                                        strategy?: auto | in-place | blue-green}
+    POST /v1/rollouts/plan             same body: the plan it would follow, nothing started
     GET  /v1/rollouts                  active rollouts and the most recent ones
     GET  /v1/rollouts/{id}             journal row + steps + live fleet view + last gate
     POST /v1/rollouts/{id}/abort       {reason?}
@@ -28,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,6 +60,9 @@ class RolloutBody(BaseModel):
                                      "increasing, ending at 100")
     bake_s: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False,
                                  description="seconds to watch each canary step")
+    strategy: Literal["auto", "in-place", "blue-green", "in_place", "blue_green"] | None = Field(
+        default=None, description="auto (default): in place when both versions fit every "
+        "shard replica, else blue/green")
 
 
 class AbortBody(BaseModel):
@@ -225,7 +230,15 @@ def build_app(cfg: ControllerConfig, *, fleet: Fleet | None = None) -> FastAPI:
     async def create(request: Request, c: Ctl) -> dict[str, Any]:
         body = await _read_body(request, RolloutBody, required=True)
         assert body is not None
-        return _public(await c.create(body.model, body.version, body.canary, body.bake_s))
+        return _public(await c.create(body.model, body.version, body.canary, body.bake_s,
+                                      body.strategy))
+
+    @app.post("/v1/rollouts/plan", dependencies=auth,
+              openapi_extra=_documented(RolloutBody, required=True))
+    async def plan(request: Request, c: Ctl) -> dict[str, Any]:
+        body = await _read_body(request, RolloutBody, required=True)
+        assert body is not None
+        return await c.plan(body.model, body.version, body.canary, body.strategy)
 
     @app.get("/v1/rollouts")
     async def listing(c: Ctl, model: str | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`deployctl`: the operator's CLI over the controller's HTTP API.
 
     deployctl rollout MODEL VERSION [--canary 5,25,100] [--bake SECONDS] [--no-wait]
+                      [--strategy auto|in-place|blue-green] [--plan]
     deployctl status [ROLLOUT_ID | MODEL]
     deployctl abort ROLLOUT_ID | MODEL [--reason TEXT]
     deployctl rollback MODEL [--reason TEXT] [--bake SECONDS] [--no-wait]
@@ -10,6 +11,8 @@
 
 The controller's URL comes from --controller or DEPLOYCTL_CONTROLLER, the token from
 --token-file or DEPLOYCTL_TOKEN; both options go before or after the subcommand.
+`rollout --plan` prints the plan (strategy and why, every step, what each shard
+replica holds after it, the capacity rule's verdict) and starts nothing.
 `rollout` and `rollback` follow the rollout live and exit 1 if it ends rolled back or
 failed (0 when it succeeded, 2 when the controller refused or could not be reached).
 """
@@ -28,6 +31,7 @@ from typing import Any, TextIO
 import httpx
 
 from deploy_controller import delta_cli
+from deploy_controller.plan_view import render_plan
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8090"
 EXIT_OK, EXIT_ROLLED_BACK, EXIT_ERROR = 0, 1, 2
@@ -85,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bake", type=_seconds, metavar="SECONDS",
                    help="watch time per canary step")
     r.add_argument("--no-wait", action="store_true", help="start it and return")
+    r.add_argument("--strategy", choices=("auto", "in-place", "blue-green"),
+                   help="auto (default): in place when both versions fit every shard "
+                   "replica, blue/green (one version per replica, in waves) when not")
+    r.add_argument("--plan", action="store_true", help="print the plan, start nothing")
     r.add_argument("--poll", type=float, default=1.0, help="seconds between progress polls")
     s = sp.add_parser("status", parents=[sub_common], help="a rollout, or what is running")
     s.add_argument("target", nargs="?", help="rollout id or model (default: all active)")
@@ -136,6 +144,8 @@ def render(r: dict[str, Any]) -> list[str]:
     """Human lines for one rollout: header, per-server state, traffic share, last gate."""
     lines = [f"{r['id']}  {r['model']} {r['from_version']} -> {r['to_version']}  "
              f"{r['status']}  phase {r['phase']}  step {r['step']}"]
+    if r.get("plan", {}).get("why"):
+        lines.append(f"  strategy {r['strategy']}: {r['plan']['why']}")
     if r.get("reason"):
         lines.append(f"  reason: {r['reason']}")
     fleet = r.get("fleet") or {}
@@ -241,8 +251,13 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         return delta_cli.run(api, args, out)
     if args.cmd == "rollout":
         body = {"model": args.model, "version": args.version, "canary": args.canary,
-                "bake_s": args.bake}
-        r = api.call("POST", "/v1/rollouts", {k: v for k, v in body.items() if v is not None})
+                "bake_s": args.bake, "strategy": args.strategy}
+        body = {k: v for k, v in body.items() if v is not None}
+        if args.plan:
+            p = api.call("POST", "/v1/rollouts/plan", body)
+            print(json.dumps(p, indent=2) if args.json else "\n".join(render_plan(p)), file=out)
+            return EXIT_OK if p["verdict"] == "ok" else EXIT_ROLLED_BACK
+        r = api.call("POST", "/v1/rollouts", body)
         if args.no_wait:
             show(r)
             return EXIT_OK
@@ -288,7 +303,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
         took = (f"{r['finished_at'] - r['created_at']:.0f}s" if r["finished_at"] else "-")
         print(f"{r['id']}  {when}  {r['model']} {r['from_version']} -> {r['to_version']}  "
-              f"{r['status']:<12} {took:>6}  {r['reason']}", file=out)
+              f"{r['status']:<12} {r.get('strategy', 'in_place'):<10} {took:>6}  "
+              f"{r['reason']}", file=out)
     return EXIT_OK
 
 

@@ -95,6 +95,13 @@ class ControllerConfig:
     """Timeout of one ranker admin call (loading a dense model can take a while)."""
     grpc_timeout_s: float = 600.0
     """Timeout of one shard LoadVersion (verifies every checksum of the tables)."""
+    bluegreen_max_load: float = 2.0
+    """Blue/green capacity rule: the most a replica may carry, as a multiple of its steady
+    load (every replica serving): a version's share x a shard's replicas / the replicas
+    holding it must stay <= this after every step (2 replicas per shard need 2.0)."""
+    default_strategy: Literal["auto", "in_place", "blue_green"] = "auto"
+    """Rollout strategy when a request names none: auto = in place when both versions fit
+    every shard replica, blue/green when they do not."""
     max_unsupervised_s: float = 300.0
     """On restart, a canary left without gates for longer than this is rolled back."""
     crash_at: str = ""
@@ -131,6 +138,10 @@ class ControllerConfig:
         require_at_least(ConfigError, 0, {
             "gate_interval_s": self.gate_interval_s, "http_timeout_s": self.http_timeout_s,
             "grpc_timeout_s": self.grpc_timeout_s}, strictly=True)
+        require_at_least(ConfigError, 1, {"bluegreen_max_load": self.bluegreen_max_load})
+        if self.default_strategy not in ("auto", "in_place", "blue_green"):
+            raise ConfigError("default_strategy must be auto, in_place or blue_green, got "
+                              f"{self.default_strategy!r}")
         require_at_least(ConfigError, 1, {
             "gate_fail_after": self.gate_fail_after, "gate_max_failures": self.gate_max_failures,
             "step_attempts": self.step_attempts})

@@ -1,7 +1,9 @@
 """The controller's operations, as the HTTP API and the CLI see them.
 
 It checks a request against the fleet before anything is journaled (names, the
-version in the store, one agreed active version, memory fit), starts one asyncio task
+version in the store, one agreed active version, memory fit), chooses the strategy
+(bluegreen.choose: in place when both versions fit every replica, blue/green when they do
+not or when asked) and journals its plan with the rollout, starts one asyncio task
 per running rollout, recovers interrupted rollouts at startup, and cancels running
 tasks at shutdown (a cancelled step is simply an interrupted one: the next start
 resumes or rolls it back, see recovery.py).
@@ -14,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from deploy_controller import steps
+from deploy_controller import bluegreen, steps
+from deploy_controller.bluegreen import Plan, StrategyRefused
 from deploy_controller.config import ControllerConfig
 from deploy_controller.deltas import DeltaStreams
 from deploy_controller.desired import DesiredPublisher
@@ -25,7 +28,7 @@ from deploy_controller.journal import Journal, ModelBusyError, Rollout
 from deploy_controller.metrics import ControllerMetrics
 from deploy_controller.reconcile import Reconciler
 from deploy_controller.recovery import recover
-from deploy_controller.state import Phase, Status, abortable, validate_canary
+from deploy_controller.state import Phase, Status, Strategy, abortable, validate_canary
 from deploy_controller.steps import Ctx, StepFailed
 from deploy_controller.tasks import Tasks
 from modelpack.schema import SchemaError, check_name
@@ -58,7 +61,8 @@ class Controller:
                                    self.publisher.publish, self.executor.crash)
         self.reconciler = Reconciler(fleet, lambda: self.publisher.models, self.executor.lock,
                                      self.metrics, cfg.reconcile_interval_s,
-                                     refresh=self.publisher.publish)
+                                     refresh=self.publisher.publish,
+                                     replicas=self.publisher.replicas.get)
         self._tasks: Tasks[Rollout] = Tasks("rollout")
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,7 +97,36 @@ class Controller:
     # ------------------------------------------------------------------ operations
 
     async def create(self, model: str, version: str, canary: Sequence[int] | None = None,
-                     bake_s: float | None = None) -> Rollout:
+                     bake_s: float | None = None, strategy: str | None = None) -> Rollout:
+        shares, bake, old, plan = await self._request(model, version, canary, bake_s, strategy)
+        if not plan.ok:
+            raise ControllerError(409, f"refused by the blue/green capacity rule: {plan.verdict}")
+        try:
+            r = self.journal.create(model, old, version, shares, bake, plan.strategy,
+                                    plan.to_json())
+        except ModelBusyError as e:
+            raise ControllerError(409, str(e)) from None
+        log.info("rollout %s: %s %s -> %s, canary %s, bake %.0f s, %s: %s", r.id, model, old,
+                 version, shares, bake, plan.strategy, plan.why)
+        self._spawn(r.id)
+        return r
+
+    async def plan(self, model: str, version: str, canary: Sequence[int] | None = None,
+                   strategy: str | None = None) -> dict[str, Any]:
+        """What `create` would do, without doing it: the strategy, why, the ordered steps,
+        what every replica holds after each, the capacity rule's verdict."""
+        shares, _, old, plan = await self._request(model, version, canary, 0.0, strategy)
+        return {"model": model, "from_version": old, "to_version": version, "canary": shares,
+                **plan.to_json()}
+
+    async def _request(self, model: str, version: str, canary: Sequence[int] | None,
+                       bake_s: float | None, strategy: str | None
+                       ) -> tuple[list[int], float, str, Plan]:
+        """The checks every rollout request passes before anything is journaled."""
+        want = (strategy or self.cfg.default_strategy).replace("-", "_")
+        if want not in ("auto", *Strategy):
+            raise ControllerError(422, f"strategy must be auto, in-place or blue-green, got "
+                                  f"{strategy!r}")
         try:
             check_name("model", model)
             check_name("version", version)
@@ -115,15 +148,7 @@ class Controller:
         old = await self._active_version(model)
         if old == version:
             raise ControllerError(409, f"{model}/{version} is already the active version")
-        await self._check_fit(model, old, version)
-        try:
-            r = self.journal.create(model, old, version, shares, bake)
-        except ModelBusyError as e:
-            raise ControllerError(409, str(e)) from None
-        log.info("rollout %s: %s %s -> %s, canary %s, bake %.0f s", r.id, model, old, version,
-                 shares, bake)
-        self._spawn(r.id)
-        return r
+        return shares, bake, old, await self._plan(model, old, version, shares, want)
 
     def _ctx(self, model: str, old: str = "", new: str = "") -> Ctx:
         return Ctx(self.fleet, self.cfg, model, old, new, [100])
@@ -153,12 +178,19 @@ class Controller:
                                   "finish or roll back that first")
         return active
 
-    async def _check_fit(self, model: str, old: str, new: str) -> None:
+    async def _plan(self, model: str, old: str, new: str, shares: list[int], want: str) -> Plan:
+        ctx = self._ctx(model, old, new)
         try:
-            await steps.check_fit(self._ctx(model, old, new))
+            beside, alone = await steps.fit_report(ctx)
+            chosen, why = bluegreen.choose(want, ctx.topology.shards, beside, alone)
         except StepFailed as e:
-            status = 507 if e.code == "does_not_fit" else 409
-            raise ControllerError(status, f"refused: {e.message}") from None
+            raise ControllerError(409, f"refused: {e.message}") from None
+        except StrategyRefused as e:
+            raise ControllerError(e.status, f"refused: {e.message}") from None
+        if chosen is Strategy.IN_PLACE:
+            return bluegreen.in_place(ctx.topology.shards, shares, old, new, why)
+        return bluegreen.blue_green(ctx.topology.shards, shares, old, new,
+                                    self.cfg.bluegreen_max_load, why)
 
     def get(self, rollout_id: str) -> dict[str, Any]:
         r = self.journal.get(rollout_id)

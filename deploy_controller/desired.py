@@ -6,6 +6,12 @@ PREPARE on), so a corrupt or oversized version is never pushed onto restarted se
 the split is the one the last finished SHIFT set. Retire and rollback drop the version
 going away at once: a server that restarts then need not load it again.
 
+A blue/green rollout (bluegreen.py) follows the same rules over its own path: `versions`
+is what the rankers hold; a restarted shard replica loads the first of them that fits
+(the active one), and `replica_holds(r)` says what the plan wants on each replica at the
+current step, for the reconcile loop to convert a replica that came back with the other
+version. (The file itself has no per-replica field yet; see the README.)
+
 `deltas` is each model's committed delta seq (delta_journal.py) for the version its
 stream follows, while that version is among `versions` (a model with a stream and no
 rollout yet is published as serving the stream's version alone).
@@ -57,7 +63,19 @@ def target(r: Rollout) -> tuple[str, tuple[str, ...], dict[str, float]]:
     """(active, versions, split) for the fleet while `r` stands at its current step."""
     old, new, step = r.from_version, r.to_version, r.step
     k = step.kind
-    if k in (Kind.LOAD_DENSE, Kind.CHECK_FIT, Kind.LOAD_EMBEDDINGS):
+    if k is Kind.CONVERT:  # between the canary steps: as the step before it in the path
+        before = r.path[:r.path.index(step.name)] if step.name in r.path else ()
+        if Kind.PREPARE not in before:
+            return old, (old,), {old: 1.0}
+        shifts = [Step.parse(n).index for n in before if n.startswith(f"{Kind.SHIFT}:")]
+        split = _split(r, shifts[-1] if shifts else -1)
+        active = max(split, key=lambda v: (split[v], v == old))
+        return active, (active, *(v for v in (old, new) if v != active)), split
+    if k is Kind.CONVERT_REST:
+        return new, (new,), {new: 1.0}
+    if k is Kind.REVERT_REPLICAS:
+        return old, (old,), {old: 1.0}
+    if k in (Kind.LOAD_DENSE, Kind.CHECK_FIT, Kind.LOAD_EMBEDDINGS, Kind.CHECK_PLAN):
         return old, (old,), {old: 1.0}
     if k is Kind.PREPARE:
         return old, (old, new), {old: 1.0}
@@ -78,6 +96,19 @@ def target(r: Rollout) -> tuple[str, tuple[str, ...], dict[str, float]]:
     return old, (old, new), {old: 1.0}
 
 
+def replica_holds(r: Rollout) -> dict[str, tuple[str, ...]] | None:
+    """Blue/green: replica -> the versions the plan has it hold while `r` stands at its
+    current step ({}: no prescription, e.g. rolling back); None: not blue/green."""
+    if not r.path or not r.active:
+        return None
+    rows = r.plan.get("rows", [])
+    if r.step.name not in r.path or not rows:
+        return {}
+    i = r.path.index(r.step.name)
+    row = rows[i] if r.step.kind is Kind.BAKE else rows[max(i - 1, 0)]
+    return {a: tuple(vs) for a, vs in row["holds"].items()}
+
+
 class DesiredPublisher:
     """Keeps the desired-state file in step with the journal."""
 
@@ -88,6 +119,7 @@ class DesiredPublisher:
         self.store = store
         self.mirror = mirror  # also written there (kube.DesiredConfigMap); OSError = failed
         self.models: dict[str, DesiredModel] = {}  # what the journal implies, by model
+        self.replicas: dict[str, dict[str, tuple[str, ...]]] = {}  # blue/green models only
         self.error: str | None = None
 
     def _fingerprint(self, model: str, version: str) -> str | None:
@@ -127,6 +159,11 @@ class DesiredPublisher:
             if r.step.kind is Kind.FAILED:  # target() reads the events to see where it failed
                 r = self.journal.get(r.id) or r
             targets[model] = (*target(r), r.id)
+            holds = replica_holds(r)
+            if holds is None:
+                self.replicas.pop(model, None)
+            else:
+                self.replicas[model] = holds
         for model, (active, versions, split, rid) in sorted(targets.items()):
             prev = on_file.get(model)
             prints = {v: fp for v in versions

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy_controller import steps
+from deploy_controller import bluegreen_steps, steps
 from deploy_controller.config import ControllerConfig
 from deploy_controller.desired import DesiredPublisher
 from deploy_controller.fleet import Fleet
@@ -49,6 +49,9 @@ _ACTIONS: dict[Kind, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     Kind.ROLLBACK_TRAFFIC: steps.rollback_traffic,
     Kind.UNLOAD_NEW_RANKERS: steps.unload_new_rankers,
     Kind.UNLOAD_NEW_SHARDS: steps.unload_new_shards,
+    Kind.CHECK_PLAN: bluegreen_steps.check_plan,
+    Kind.CONVERT_REST: bluegreen_steps.convert_rest,
+    Kind.REVERT_REPLICAS: bluegreen_steps.revert_replicas,
 }
 
 
@@ -99,7 +102,8 @@ class Executor:
         r = self.journal.get(rollout_id)
         if r is None:
             raise KeyError(rollout_id)
-        ctx = Ctx(self.fleet, self.cfg, r.model, r.from_version, r.to_version, r.canary)
+        ctx = Ctx(self.fleet, self.cfg, r.model, r.from_version, r.to_version, r.canary,
+                  plan=r.plan)
         run = self._runs[rollout_id] = _Run(ctx)
         if r.abort_requested:
             ctx.abort.set()
@@ -164,7 +168,12 @@ class Executor:
             if outcome is not Outcome.OK:
                 pass  # the bake's baseline could not be taken
             elif step.kind is Kind.SHIFT:
-                detail = await steps.shift(ctx, step.index)
+                detail = await (bluegreen_steps.shift if ctx.blue_green else steps.shift)(
+                    ctx, step.index)
+            elif step.kind is Kind.CONVERT:
+                detail = await bluegreen_steps.convert(ctx, step.index)
+            elif step.kind is Kind.PREPARE and ctx.blue_green:
+                detail = await bluegreen_steps.prepare(ctx)
             elif step.kind is Kind.BAKE:
                 detail = await self._bake(run, r, baseline, started)
             else:
@@ -187,7 +196,7 @@ class Executor:
 
     def _end(self, r: Rollout, step: Step, outcome: Outcome, code: str, reason: str,
              detail: dict[str, Any]) -> None:
-        nxt = next_step(step, outcome, r.canary)
+        nxt = next_step(step, outcome, r.canary, r.path)
         if nxt.phase is Phase.ROLLBACK and step.phase is not Phase.ROLLBACK:
             self.metrics.rollbacks.labels(code or "unknown").inc()
         self.journal.end(r.id, step, outcome, nxt, reason=reason, reason_code=code,

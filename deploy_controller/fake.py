@@ -6,6 +6,12 @@ prepared versions; no unload while a version has traffic), records every call, l
 tests inject failures and hooks per (operation, server), and checks the invariant
 the whole design exists for after every call: a version with traffic is prepared on
 its ranker and READY on every shard replica. Breaches land in `violations`.
+
+With `routing=True` it models the clients' version-aware routing (blue/green): a version
+with traffic needs READY on at least one replica of every shard, prepare with
+any_replica accepts one per shard, and unloading a version the rankers hold is a breach
+only when no other replica of that shard still holds it. `budget_bytes` is per replica
+and LoadVersion refuses what does not fit (RESOURCE_EXHAUSTED), as the servers do.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ class FakeFleet:
     def __init__(self, *, model: str = "m", versions: tuple[str, ...] = ("v1", "v2", "v3"),
                  active: str = "v1", rankers: int = 2, shards: int = 2, replicas: int = 2,
                  version_bytes: int = 100, budget_bytes: int = 1000,
-                 requests_per_scrape: int = 50) -> None:
+                 requests_per_scrape: int = 50, routing: bool = False) -> None:
+        self.routing = routing
         self.model = model
         self.fingerprints = {v: f"sha256:{v}" for v in versions}
         self.version_bytes = version_bytes
@@ -94,6 +101,18 @@ class FakeFleet:
                 raise queue.pop(0)
         await asyncio.sleep(0)
 
+    def _holders(self, addr: str, version: str) -> list[str]:
+        """Replicas of addr's shard (addr included) holding `version` READY."""
+        reps = next(r for r in self.shard_addrs if addr in r)
+        return [a for a in reps if (sv := self.shards[a].get(version)) is not None
+                and sv.state == "ready"]
+
+    def _needed(self) -> list[str]:
+        """The replicas that must hold a version: all, or one per shard with routing."""
+        if not self.routing:
+            return list(self.shards)
+        return [reps[0] for reps in self.shard_addrs]
+
     def _check(self) -> None:
         for url, r in self.rankers.items():
             for v, share in r.split.items():
@@ -101,7 +120,9 @@ class FakeFleet:
                     continue
                 if r.versions.get(v) not in ("prepared", "active"):
                     self.violations.append(f"{url}: traffic on {v} which is {r.versions.get(v)}")
-                for addr, held in self.shards.items():
+                for first in self._needed():
+                    addr = (self._holders(first, v) or [first])[0] if self.routing else first
+                    held = self.shards[addr]
                     if v not in held or held[v].state != "ready":
                         self.violations.append(f"{url}: traffic on {v} but {addr} lacks it")
                     elif r.seqs.get(v, 0) not in held[v].readable_seqs:
@@ -128,13 +149,16 @@ class FakeFleet:
             raise FleetError(url, f"HTTP 422: {version} failed verification", status=422)
         self.rankers[url].versions.setdefault(version, "loaded")
 
-    async def ranker_prepare(self, url: str, version: str) -> None:
+    async def ranker_prepare(self, url: str, version: str, any_replica: bool = False) -> None:
         await self._enter("ranker_prepare", url)
         r = self.rankers[url]
         if version not in r.versions:
             raise FleetError(url, f"HTTP 404: {version} not loaded", status=404)
-        for addr, held in self.shards.items():
-            sv = held.get(version)
+        if any_replica and not self.routing:
+            raise FleetError(url, "HTTP 422: this ranker does not route by version", status=422)
+        for first in (self._needed() if any_replica else list(self.shards)):
+            addr = (self._holders(first, version) or [first])[0] if any_replica else first
+            sv = self.shards[addr].get(version)
             if sv is None or sv.state != "ready" or sv.fingerprint != self.fingerprints[version]:
                 raise FleetError(url, f"HTTP 409: {addr} does not hold {version} ready",
                                  retryable=True, status=409)
@@ -213,14 +237,20 @@ class FakeFleet:
             return sv
         held = self.shards[addr]
         if version not in held:
+            used = sum(v.bytes for v in held.values())
+            if used + self.version_bytes > self.budget_bytes:
+                raise FleetError(addr, f"LoadVersion: RESOURCE_EXHAUSTED: {version} needs "
+                                 f"{self.version_bytes} bytes, {self.budget_bytes - used} "
+                                 "available")
             held[version] = self._shard_version(version)
         return held[version]
 
     async def shard_unload(self, addr: str, model: str, version: str,
                            drain_timeout_s: float) -> ShardVersion:
         await self._enter("shard_unload", addr)
+        others = [a for a in self._holders(addr, version) if a != addr] if self.routing else []
         for url, r in self.rankers.items():
-            if r.split.get(version, 0.0) > 0 or version in r.versions:
+            if (r.split.get(version, 0.0) > 0 or version in r.versions) and not others:
                 self.violations.append(f"{addr}: unloaded {version} while {url} still holds it")
         self.shards[addr].pop(version, None)
         return ShardVersion(model, version, state="absent")

@@ -111,7 +111,9 @@ class Fleet(Protocol):
 
     async def ranker_load(self, url: str, version: str) -> None: ...
 
-    async def ranker_prepare(self, url: str, version: str) -> None: ...
+    async def ranker_prepare(self, url: str, version: str, any_replica: bool = False) -> None:
+        """The prepare handshake; any_replica: one replica per shard holding the version
+        READY is enough (blue/green), not every replica."""
 
     async def ranker_activate(self, url: str, version: str) -> None: ...
 
@@ -161,8 +163,8 @@ class RemoteFleet:
     async def ranker_load(self, url: str, version: str) -> None:
         await self._rankers.load(url, version)
 
-    async def ranker_prepare(self, url: str, version: str) -> None:
-        await self._rankers.prepare(url, version)
+    async def ranker_prepare(self, url: str, version: str, any_replica: bool = False) -> None:
+        await self._rankers.prepare(url, version, any_replica)
 
     async def ranker_activate(self, url: str, version: str) -> None:
         await self._rankers.activate(url, version)

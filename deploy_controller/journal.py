@@ -20,18 +20,20 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy_controller.rollout import Event as Event
+from deploy_controller.rollout import Rollout as Rollout
+from deploy_controller.rollout import row_to_rollout
 from deploy_controller.state import (
-    ACTIVE_STATUSES,
     FIRST,
     Kind,
     Outcome,
     Phase,
     Status,
     Step,
+    Strategy,
     status_for,
 )
 
@@ -97,6 +99,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_running_delta_op_per_model
 """
 
 
+# Added to `rollouts` after its first release (so also to journals written before):
+# state.Strategy, and the JSON of bluegreen.Plan (forward path, waves, why).
+_ADDED_COLUMNS = {"strategy": "TEXT NOT NULL DEFAULT 'in_place'",
+                  "plan": "TEXT NOT NULL DEFAULT '{}'"}
+
+
 class ModelBusyError(Exception):
     """Another operation (a rollout or a delta advance) is acting on this model."""
 
@@ -108,63 +116,6 @@ class ActiveRolloutError(ModelBusyError):
         super().__init__(f"model {model!r} already has an active rollout {rollout_id}")
         self.model = model
         self.rollout_id = rollout_id
-
-
-@dataclass(frozen=True)
-class Event:
-    seq: int
-    step: str
-    event: str
-    outcome: str
-    detail: dict[str, Any]
-    ts: float
-
-
-@dataclass(frozen=True)
-class Rollout:
-    id: str
-    model: str
-    from_version: str
-    to_version: str
-    canary: list[int]
-    bake_s: float
-    status: Status
-    step: Step
-    reason: str = ""
-    reason_code: str = ""
-    abort_requested: bool = False
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    finished_at: float | None = None
-    events: list[Event] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-    @property
-    def start(self) -> float:
-        """When it began acting on the fleet: its first event (or its creation)."""
-        return self.events[0].ts if self.events else self.created_at
-
-    @property
-    def end(self) -> float:
-        """When it finished, or its last event while it runs."""
-        if self.finished_at is not None:
-            return self.finished_at
-        return self.events[-1].ts if self.events else self.created_at
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "model": self.model, "from_version": self.from_version,
-            "to_version": self.to_version, "canary": self.canary, "bake_s": self.bake_s,
-            "status": str(self.status), "phase": self.step.phase.name.lower(),
-            "step": self.step.name, "reason": self.reason, "reason_code": self.reason_code,
-            "abort_requested": self.abort_requested, "created_at": self.created_at,
-            "updated_at": self.updated_at, "finished_at": self.finished_at,
-            "events": [{"step": e.step, "event": e.event, "outcome": e.outcome,
-                        "detail": e.detail, "ts": e.ts} for e in self.events],
-        }
 
 
 class Journal:
@@ -183,6 +134,10 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        cols = {r["name"] for r in self._db.execute("PRAGMA table_info(rollouts)")}
+        for col, decl in _ADDED_COLUMNS.items():  # journals written before these existed
+            if col not in cols:
+                self._db.execute(f"ALTER TABLE rollouts ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -200,7 +155,8 @@ class Journal:
     # ------------------------------------------------------------------ writes
 
     def create(self, model: str, from_version: str, to_version: str, canary: Sequence[int],
-               bake_s: float) -> Rollout:
+               bake_s: float, strategy: Strategy = Strategy.IN_PLACE,
+               plan: dict[str, Any] | None = None) -> Rollout:
         """Insert a new running rollout; ActiveRolloutError if the model has one."""
         rid = "r-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         now = time.time()
@@ -217,9 +173,11 @@ class Journal:
                                      f"{op['to_seq']} running ({op['id']}); retry when it ends")
             db.execute(
                 "INSERT INTO rollouts (id, model, from_version, to_version, canary, bake_s, status,"
-                " step, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " step, strategy, plan, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (rid, model, from_version, to_version, json.dumps(list(canary)), float(bake_s),
-                 str(Status.RUNNING), Step(FIRST).name, now, now))
+                 str(Status.RUNNING), Step(FIRST).name, str(strategy),
+                 json.dumps(plan or {}, sort_keys=True), now, now))
         got = self.get(rid)
         assert got is not None
         return got
@@ -282,7 +240,7 @@ class Journal:
         with self._lock:
             row = self._db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             evs = self._events(rollout_id) if row is not None and events else []
-        return _rollout(row, evs) if row is not None else None
+        return row_to_rollout(row, evs) if row is not None else None
 
     def active(self, model: str | None = None) -> list[Rollout]:
         q = "SELECT * FROM rollouts WHERE status IN ('running', 'rolling_back')"
@@ -292,7 +250,7 @@ class Journal:
             args = (model,)
         with self._lock:
             rows = self._db.execute(q + " ORDER BY created_at", args).fetchall()
-            return [_rollout(r, self._events(r["id"])) for r in rows]
+            return [row_to_rollout(r, self._events(r["id"])) for r in rows]
 
     def history(self, model: str | None = None, limit: int = 50) -> list[Rollout]:
         q = "SELECT * FROM rollouts"
@@ -304,7 +262,7 @@ class Journal:
         args.append(int(limit))
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
-        return [_rollout(r, []) for r in rows]
+        return [row_to_rollout(r, []) for r in rows]
 
     def events(self, rollout_id: str) -> list[Event]:
         with self._lock:
@@ -323,7 +281,7 @@ def read_rollouts(path: Path) -> list[Rollout]:
     try:
         db.row_factory = sqlite3.Row
         rows = db.execute("SELECT * FROM rollouts ORDER BY created_at, rowid").fetchall()
-        return [_rollout(r, _events(db, r["id"])) for r in rows]
+        return [row_to_rollout(r, _events(db, r["id"])) for r in rows]
     finally:
         db.close()
 
@@ -372,13 +330,3 @@ class _Tx:
             self._j._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
         finally:
             self._j._lock.release()
-
-
-def _rollout(r: sqlite3.Row, events: list[Event]) -> Rollout:
-    return Rollout(
-        id=r["id"], model=r["model"], from_version=r["from_version"], to_version=r["to_version"],
-        canary=[int(x) for x in json.loads(r["canary"])], bake_s=float(r["bake_s"]),
-        status=Status(r["status"]), step=Step.parse(r["step"]), reason=r["reason"],
-        reason_code=r["reason_code"], abort_requested=bool(r["abort_requested"]),
-        created_at=r["created_at"], updated_at=r["updated_at"], finished_at=r["finished_at"],
-        events=events)

@@ -67,8 +67,9 @@ class RankerAdmin:
     async def load(self, url: str, version: str) -> None:
         await self._call("POST", url, "/admin/v1/versions", json={"version": version})
 
-    async def prepare(self, url: str, version: str) -> None:
-        await self._call("POST", url, f"/admin/v1/versions/{quote(version)}/prepare")
+    async def prepare(self, url: str, version: str, any_replica: bool = False) -> None:
+        await self._call("POST", url, f"/admin/v1/versions/{quote(version)}/prepare",
+                         params={"replicas": "any"} if any_replica else None)
 
     async def activate(self, url: str, version: str) -> None:
         await self._call("POST", url, f"/admin/v1/versions/{quote(version)}/activate")

@@ -9,6 +9,12 @@ LoadVersion on a replica, load + prepare + activate/split on a ranker, and the c
 delta seq (ApplyDeltas on a replica that cannot read it, then the ranker's seq). It never
 unloads anything (retire and rollback steps do that, journaled).
 
+During a blue/green rollout a replica holds what the plan says it holds at the current
+step (`replicas(model)`, desired.replica_holds), not every desired version: one that came
+back from a restart holding the other version is converted (the version it should not
+hold is unloaded, only while another replica of its shard still holds it, then the one
+it should is loaded), and the rankers' prepare accepts one replica per shard.
+
 It must not fight a rollout: the executor holds the model's lock while a step acts on
 the fleet (every step but a bake), and a pass takes the same lock, so a pass and a
 step never run at once; during a bake the desired state already is the bake's split.
@@ -56,8 +62,11 @@ def _split_is(st: RankerStatus, want: dict[str, float]) -> bool:
 class Reconciler:
     def __init__(self, fleet: Fleet, desired: Callable[[], dict[str, DesiredModel]],
                  locks: Callable[[str], asyncio.Lock], metrics: ControllerMetrics,
-                 interval_s: float, refresh: Callable[[], object] | None = None) -> None:
+                 interval_s: float, refresh: Callable[[], object] | None = None,
+                 replicas: Callable[[str], dict[str, tuple[str, ...]] | None] = lambda m: None
+                 ) -> None:
         self.fleet = fleet
+        self.replicas = replicas
         self.desired = desired
         self.refresh = refresh  # called first in every pass (retries a failed publish)
         self.locks = locks
@@ -101,8 +110,12 @@ class Reconciler:
                         want = self.desired().get(model)
                         if want is None:
                             continue
-                        await self._shards(p, model, want, [a for _, a in topo.replicas()])
-                        await self._rankers(p, model, want, list(topo.rankers))
+                        holds = self.replicas(model)
+                        if holds is None:
+                            await self._shards(p, model, want, [a for _, a in topo.replicas()])
+                        else:
+                            await self._convert(p, model, holds, topo.shards)
+                        await self._rankers(p, model, want, list(topo.rankers), holds is not None)
         p.duration_s = time.monotonic() - t0
         self.last, self.passes = p, self.passes + 1
         self.metrics.reconcile_passes.labels("error" if p.errors else "drift" if p.drift
@@ -150,6 +163,32 @@ class Reconciler:
 
         await asyncio.gather(*(one(a) for a in addrs))
 
+    async def _convert(self, p: Pass, model: str, holds: dict[str, tuple[str, ...]],
+                       shards: tuple[tuple[str, ...], ...]) -> None:
+        """Blue/green: each replica toward what the plan has it hold (see the docstring)."""
+        addrs = [a for reps in shards for a in reps]
+        got = await asyncio.gather(*(self.fleet.shard_versions(a, model) for a in addrs),
+                                   return_exceptions=True)
+        ready = {a: {v.version for v in vs if v.state == "ready"}
+                 for a, vs in zip(addrs, got, strict=True) if not isinstance(vs, BaseException)}
+        for reps in shards:
+            for a in reps:
+                if a not in ready or a not in holds or set(holds[a]) <= ready[a]:
+                    continue
+                p.drift.append(f"shard {a} holds {sorted(ready[a])}, the plan {list(holds[a])}")
+                try:
+                    for v in sorted(ready[a] - set(holds[a])):
+                        if any(v in ready.get(b, ()) for b in reps if b != a):
+                            await self.fleet.shard_unload(a, model, v, 30.0)
+                            ready[a].discard(v)
+                    for v in holds[a]:
+                        if v not in ready[a] and (await self.fleet.shard_load(
+                                a, model, v)).state == "ready":
+                            ready[a].add(v)
+                            self._repaired(p, "shard_load", f"loaded {model}/{v} on shard {a}")
+                except Exception as e:
+                    self._failed(p, f"converting shard {a} to {list(holds[a])}", e)
+
     async def _seq(self, p: Pass, addr: str, model: str, version: str, sv: ShardVersion,
                    seq: int) -> None:
         """A replica that cannot read the committed delta seq applies it (deltas 1..seq)."""
@@ -164,7 +203,8 @@ class Reconciler:
             return
         self._repaired(p, "shard_seq", f"applied {model}/{version} seq {seq} on shard {addr}")
 
-    async def _rankers(self, p: Pass, model: str, want: DesiredModel, urls: list[str]) -> None:
+    async def _rankers(self, p: Pass, model: str, want: DesiredModel, urls: list[str],
+                       any_replica: bool = False) -> None:
         async def one(url: str) -> None:
             try:
                 st = await self.fleet.ranker_status(url)
@@ -181,7 +221,7 @@ class Reconciler:
                         self._repaired(p, "ranker_load", f"loaded {v} on ranker {url}")
                     if not st.servable(v):
                         p.drift.append(f"ranker {url}: {v} not prepared")
-                        await self.fleet.ranker_prepare(url, v)
+                        await self.fleet.ranker_prepare(url, v, any_replica)
                         self._repaired(p, "ranker_prepare", f"prepared {v} on ranker {url}")
                     held = st.get(v)
                     if held is not None and held.seq != want.delta_seq(v):

@@ -111,7 +111,7 @@ def recover(journal: Journal, now: float, max_unsupervised_s: float,
             metrics.recoveries.labels(d.action).inc()
         if d.action == ROLLBACK:
             code = "abort" if r.abort_requested else "resume_unsafe"
-            nxt = next_step(r.step, Outcome.FAILED, r.canary)
+            nxt = next_step(r.step, Outcome.FAILED, r.canary, r.path)
             journal.end(r.id, r.step, Outcome.FAILED, nxt, reason_code=code,
                         reason=f"{r.step.name}: controller restarted: {d.why}")
             if metrics is not None:

@@ -7,8 +7,12 @@ behaviour and the unit tests walk every row of it.
 
 Canary steps are indexed: SHIFT(i) puts canary[i] percent of traffic on the new
 version and BAKE(i) watches it; the guard MORE/LAST tells whether canary[i] was the
-last share. Every step is idempotent (see executor.py): re-running one after a crash
-converges to the same fleet state.
+last share. A blue/green rollout (bluegreen.py) walks its own journaled forward path
+(`Strategy.BLUE_GREEN`: CONVERT(w) moves wave w of replicas to the new version between
+the canary steps); its failures, aborts and its way back are rows of the same table, and
+`BLUE_GREEN_ROWS` holds the rows where its way differs from the in-place one.
+Every step is idempotent (see executor.py): re-running one after a crash converges to
+the same fleet state.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class Kind(enum.StrEnum):
     ROLLBACK_TRAFFIC = "rollback_traffic"  # every ranker: activate the old version again
     UNLOAD_NEW_RANKERS = "unload_new_rankers"  # rankers drop the new version
     UNLOAD_NEW_SHARDS = "unload_new_shards"  # then shard replicas drop it
+    # Blue/green (bluegreen.py): replicas hold one version at a time.
+    CHECK_PLAN = "check_plan"  # R >= 2, the new version fits a replica alone, capacity ok
+    CONVERT = "convert"  # wave w: one replica per shard drops the old version, loads the new
+    CONVERT_REST = "convert_rest"  # retire: every replica still holding the old converts
+    REVERT_REPLICAS = "revert_replicas"  # rollback: converted replicas load the old again
     # Terminal pseudo-steps: reaching one ends the rollout with that status.
     SUCCEEDED = "succeeded"
     ROLLED_BACK = "rolled_back"
@@ -61,6 +70,10 @@ PHASE_OF: dict[Kind, Phase] = {
     Kind.ROLLBACK_TRAFFIC: Phase.ROLLBACK,
     Kind.UNLOAD_NEW_RANKERS: Phase.ROLLBACK,
     Kind.UNLOAD_NEW_SHARDS: Phase.ROLLBACK,
+    Kind.CHECK_PLAN: Phase.STAGE_EMBEDDINGS,
+    Kind.CONVERT: Phase.STAGE_EMBEDDINGS,
+    Kind.CONVERT_REST: Phase.RETIRE,
+    Kind.REVERT_REPLICAS: Phase.ROLLBACK,
     Kind.SUCCEEDED: Phase.DONE,
     Kind.ROLLED_BACK: Phase.DONE,
     Kind.FAILED: Phase.DONE,
@@ -80,6 +93,13 @@ class Status(enum.StrEnum):
 
 
 ACTIVE_STATUSES = frozenset({Status.RUNNING, Status.ROLLING_BACK})
+
+
+class Strategy(enum.StrEnum):
+    """How the embedding tier moves: both versions on every replica, or one per replica."""
+
+    IN_PLACE = "in_place"
+    BLUE_GREEN = "blue_green"
 
 
 class Outcome(enum.StrEnum):
@@ -116,11 +136,17 @@ def _rows() -> dict[tuple[Kind, Outcome, Guard], Kind]:
         (Kind.ROLLBACK_TRAFFIC, Outcome.FAILED, Guard.ALWAYS): Kind.FAILED,
         (Kind.UNLOAD_NEW_RANKERS, Outcome.FAILED, Guard.ALWAYS): Kind.FAILED,
         (Kind.UNLOAD_NEW_SHARDS, Outcome.FAILED, Guard.ALWAYS): Kind.FAILED,
+        (Kind.CONVERT_REST, Outcome.OK, Guard.ALWAYS): Kind.SUCCEEDED,
+        (Kind.CONVERT_REST, Outcome.FAILED, Guard.ALWAYS): Kind.FAILED,
+        (Kind.REVERT_REPLICAS, Outcome.OK, Guard.ALWAYS): Kind.ROLLED_BACK,
+        (Kind.REVERT_REPLICAS, Outcome.FAILED, Guard.ALWAYS): Kind.FAILED,
     }
     # Phases 1 and 2: the old version is loaded everywhere and can take all traffic
     # back, so any failure or abort rolls back.
+    # Blue/green keeps the old version READY on at least one replica of every shard until
+    # the last canary step passed, so the same holds for its stage steps.
     for k in (Kind.LOAD_DENSE, Kind.CHECK_FIT, Kind.LOAD_EMBEDDINGS, Kind.PREPARE, Kind.SHIFT,
-              Kind.BAKE):
+              Kind.BAKE, Kind.CHECK_PLAN, Kind.CONVERT):
         for o in (Outcome.FAILED, Outcome.ABORTED):
             for g in ((Guard.MORE, Guard.LAST) if k is Kind.BAKE else (Guard.ALWAYS,)):
                 t[(k, o, g)] = Kind.ROLLBACK_TRAFFIC
@@ -128,6 +154,12 @@ def _rows() -> dict[tuple[Kind, Outcome, Guard], Kind]:
 
 
 TRANSITIONS: dict[tuple[Kind, Outcome, Guard], Kind] = _rows()
+
+# Where blue/green's way back differs: the new version is on whole replicas, so once the
+# rankers dropped it, those replicas load the old version again (not just unload).
+BLUE_GREEN_ROWS: dict[tuple[Kind, Outcome, Guard], Kind] = {
+    (Kind.UNLOAD_NEW_RANKERS, Outcome.OK, Guard.ALWAYS): Kind.REVERT_REPLICAS,
+}
 
 FIRST = Kind.LOAD_DENSE
 
@@ -138,7 +170,8 @@ class TransitionError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class Step:
-    """One step of a rollout; `index` is the canary index for SHIFT and BAKE, else 0."""
+    """One step of a rollout; `index` is the canary index for SHIFT and BAKE, the wave for
+    CONVERT, else 0."""
 
     kind: Kind
     index: int = 0
@@ -150,7 +183,7 @@ class Step:
     @property
     def name(self) -> str:
         """Journal name: `shift:1`, `bake:1` for canary steps, the kind otherwise."""
-        indexed = self.kind in (Kind.SHIFT, Kind.BAKE)
+        indexed = self.kind in (Kind.SHIFT, Kind.BAKE, Kind.CONVERT)
         return f"{self.kind}:{self.index}" if indexed else str(self.kind)
 
     @property
@@ -168,8 +201,18 @@ def abortable(step: Step) -> bool:
     return any(k == step.kind and o is Outcome.ABORTED for k, o, _ in TRANSITIONS)
 
 
-def next_step(step: Step, outcome: Outcome, canary: Sequence[int]) -> Step:
-    """The step after `step` ended with `outcome`; TransitionError if the table has none."""
+def next_step(step: Step, outcome: Outcome, canary: Sequence[int],
+              path: Sequence[str] = ()) -> Step:
+    """The step after `step` ended with `outcome`; TransitionError if the table has none.
+
+    path: a blue/green rollout's journaled forward path (step names); empty for in-place.
+    """
+    if path:
+        if outcome is Outcome.OK and step.name in path[:-1]:
+            return Step.parse(path[list(path).index(step.name) + 1])
+        row = BLUE_GREEN_ROWS.get((step.kind, outcome, Guard.ALWAYS))
+        if row is not None:
+            return Step(row)
     guard = Guard.ALWAYS
     if step.kind is Kind.BAKE:
         guard = Guard.LAST if step.index >= len(canary) - 1 else Guard.MORE

@@ -20,10 +20,9 @@ from deploy_controller.gates import Scrape, parse_metrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BLUE_GREEN_NOTE = ("two versions of the tables do not fit one embedding server; bringing up "
-                   "new servers for the new version (blue/green on the CPU tier) is a "
-                   "follow-up and not implemented yet: free memory or raise the shards' "
-                   "memory budget, then retry")
+BLUE_GREEN_NOTE = ("two versions of the tables do not fit one embedding server: roll out "
+                   "with --strategy blue-green (or auto), which moves one replica per shard "
+                   "at a time (needs >= 2 replicas per shard), or free memory")
 
 
 class StepFailed(Exception):
@@ -53,6 +52,11 @@ class Ctx:
     abortable: bool = True
     topology: Topology = field(default_factory=lambda: Topology((), ()))
     rankers: list[str] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)  # a blue/green rollout's (bluegreen.py)
+
+    @property
+    def blue_green(self) -> bool:
+        return self.plan.get("strategy") == "blue_green"
 
     def check_abort(self) -> None:
         if self.abortable and self.abort.is_set():
@@ -133,23 +137,35 @@ async def load_dense(ctx: Ctx) -> dict[str, Any]:
     return {"rankers": len(statuses)}
 
 
-async def check_fit(ctx: Ctx) -> dict[str, Any]:
+async def fit_report(ctx: Ctx) -> tuple[list[str], list[str]]:
+    """Replicas where the new version does not fit beside the old one, and those where it
+    does not fit even alone (CheckFit's available bytes plus what the old one takes)."""
     await discover(ctx)
     held = await _held(ctx)
-    refusals = []
+    beside, alone = [], []
     for k, addr in ctx.topology.replicas():
         if ctx.new in held[addr]:
             continue  # already loaded (a resumed rollout): nothing more to fit
         fit = await call(ctx, "shard_unreachable",
                          lambda a=addr: ctx.fleet.shard_check_fit(a, ctx.model, ctx.new))  # type: ignore[misc]
-        if not fit.fits:
-            refusals.append(f"shard {k} replica {addr}: {ctx.model}/{ctx.new} needs "
-                            f"{fit.required_bytes} bytes beside {ctx.old}, "
-                            f"{fit.available_bytes} available"
-                            + (f" ({fit.reason})" if fit.reason else ""))
-    if refusals:
-        raise StepFailed("does_not_fit", "; ".join(refusals) + "; " + BLUE_GREEN_NOTE)
-    return {"replicas": len(held)}
+        if fit.fits:
+            continue
+        beside.append(f"shard {k} replica {addr}: {ctx.model}/{ctx.new} needs "
+                      f"{fit.required_bytes} bytes beside {ctx.old}, {fit.available_bytes} "
+                      "available" + (f" ({fit.reason})" if fit.reason else ""))
+        old = held[addr].get(ctx.old)
+        freed = old.bytes + old.overlay_bytes if old is not None else 0
+        if fit.required_bytes > fit.available_bytes + freed:
+            alone.append(f"shard {k} replica {addr}: needs {fit.required_bytes} bytes, "
+                         f"{fit.available_bytes + freed} with {ctx.old} unloaded")
+    return beside, alone
+
+
+async def check_fit(ctx: Ctx) -> dict[str, Any]:
+    beside, _ = await fit_report(ctx)
+    if beside:
+        raise StepFailed("does_not_fit", "; ".join(beside) + "; " + BLUE_GREEN_NOTE)
+    return {"replicas": sum(len(r) for r in ctx.topology.shards)}
 
 
 async def load_embeddings(ctx: Ctx) -> dict[str, Any]:
@@ -182,7 +198,8 @@ async def prepare(ctx: Ctx) -> dict[str, Any]:
     for url, st in statuses.items():
         ctx.check_abort()
         if not st.servable(ctx.new):
-            await call(ctx, "prepare_failed", lambda u=url: ctx.fleet.ranker_prepare(u, ctx.new))  # type: ignore[misc]
+            await call(ctx, "prepare_failed", lambda u=url: ctx.fleet.ranker_prepare(  # type: ignore[misc]
+                u, ctx.new, ctx.blue_green))
     statuses = await discover(ctx)
     bad = [u for u, st in statuses.items() if not st.servable(ctx.new)]
     if bad:
@@ -259,7 +276,8 @@ async def rollback_traffic(ctx: Ctx) -> dict[str, Any]:
             # Only if the ranker restarted without it; the shards still hold it.
             if st.get(ctx.old) is None:
                 await call(ctx, "rollback_failed", lambda u=url: ctx.fleet.ranker_load(u, ctx.old))  # type: ignore[misc]
-            await call(ctx, "rollback_failed", lambda u=url: ctx.fleet.ranker_prepare(u, ctx.old))  # type: ignore[misc]
+            await call(ctx, "rollback_failed", lambda u=url: ctx.fleet.ranker_prepare(  # type: ignore[misc]
+                u, ctx.old, ctx.blue_green))
         await call(ctx, "rollback_failed", lambda u=url: ctx.fleet.ranker_activate(u, ctx.old))  # type: ignore[misc]
     return {"split": {ctx.old: 1.0}}
 

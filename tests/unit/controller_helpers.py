@@ -6,13 +6,16 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
+from deploy_controller import bluegreen
 from deploy_controller.config import ControllerConfig
 from deploy_controller.executor import Executor
 from deploy_controller.fake import FakeFleet
 from deploy_controller.gates import GateConfig
 from deploy_controller.journal import Journal, Rollout
+from deploy_controller.state import Strategy
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -78,3 +81,29 @@ def wait_done(c: _Getter, rid: str, timeout: float = 10.0, poll_s: float = 0.01)
             return dict(r)
         time.sleep(poll_s)
     raise AssertionError(f"rollout {rid} did not end in {timeout} s")
+
+
+def blue_green_harness(tmp_path: Path, replicas: int = 2, **cfg: Any) -> Harness:
+    """A Harness whose fleet routes by version and whose replicas fit one version each."""
+    config = replace(FAST, **cfg)
+    fleet = FakeFleet(routing=True, budget_bytes=150, replicas=replicas)
+    journal = Journal(tmp_path / "journal.sqlite")
+    return Harness(fleet, journal, Executor(journal, fleet, config, crash=lambda p: None), config)
+
+
+def start_blue_green(h: Harness, canary: list[int] | None = None, bake_s: float = 0.0,
+                     max_load: float = 2.0) -> Rollout:
+    """Journal a blue/green rollout v1 -> v2 with the plan the controller would make."""
+    shares = canary or [50, 100]
+    p = bluegreen.blue_green(h.fleet.shard_addrs, shares, "v1", "v2", max_load, "test")
+    return h.journal.create("m", "v1", "v2", shares, bake_s, Strategy.BLUE_GREEN, p.to_json())
+
+
+def assert_all_on(h: Harness, version: str, gone: str) -> None:
+    """Every ranker serves `version` alone, every replica holds it alone, no breach."""
+    assert h.fleet.violations == []
+    for r in h.fleet.rankers.values():
+        assert (r.active, r.split, set(r.versions)) == (version, {version: 1.0}, {version})
+    for addr, held in h.fleet.shards.items():
+        assert set(held) == {version} and held[version].state == "ready", (addr, held)
+    assert not h.fleet.held(gone)

@@ -77,11 +77,17 @@ def test_bad_requests_are_refused(client: TestClient, body: dict[str, Any], stat
     assert needle in str(r.json()["detail"])
 
 
-def test_does_not_fit_is_refused_up_front(client: TestClient, fleet: FakeFleet) -> None:
-    fleet.budget_bytes = 150
-    r = client.post("/v1/rollouts", json={"model": "m", "version": "v2"}, headers=AUTH)
+@pytest.mark.parametrize(("budget", "strategy", "needle"), [
+    (150, "in-place", "--strategy blue-green"),  # two do not fit; blue/green would
+    (50, None, "does not fit a shard replica even alone"),
+])
+def test_does_not_fit_is_refused_up_front(client: TestClient, fleet: FakeFleet, budget: int,
+                                          strategy: str | None, needle: str) -> None:
+    fleet.budget_bytes = budget
+    body = {"model": "m", "version": "v2"} | ({"strategy": strategy} if strategy else {})
+    r = client.post("/v1/rollouts", json=body, headers=AUTH)
     assert r.status_code == 507
-    assert "blue/green" in r.json()["detail"] and "follow-up" in r.json()["detail"]
+    assert needle in r.json()["detail"]
     assert client.get("/v1/history").json()["rollouts"] == []
 
 

@@ -69,11 +69,11 @@ def test_failures_roll_back_to_the_old_version(make_harness: MakeHarness, setup:
     assert_serving_only(h, "v1", gone="v2")
 
 
-def test_does_not_fit_says_blue_green_is_a_follow_up(make_harness: MakeHarness) -> None:
+def test_in_place_that_stopped_fitting_names_blue_green(make_harness: MakeHarness) -> None:
     h = make_harness()
     h.fleet.budget_bytes = 150
     r = h.run(h.start())
-    assert "blue/green" in r.reason and "follow-up" in r.reason and "needs 100 bytes" in r.reason
+    assert "--strategy blue-green" in r.reason and "needs 100 bytes" in r.reason
 
 
 @pytest.mark.parametrize(("behavior", "code"), [
