@@ -207,9 +207,9 @@ def _overlaid(g: Group, ov: TableOverlay, hits: Hits) -> npt.NDArray[np.generic]
     """_gather for a group some of whose rows the delta overlay replaces."""
     t, s, idx = g.table, g.segment, g.index
     assert t is not None and idx is not None  # resolved
-    rows = idx + t.start if s is not None else idx  # global
     if g.output == pb.OUTPUT_INT4_PACKED:
         return ov.patch(s.take(idx) if s is not None else t.gather(idx), hits)
+    rows = idx + t.start if s is not None else idx  # global
     return ov.lookup(t, rows, hits, g.offsets, _KERNEL_POOLING[g.pooling],
                      _KERNEL_OUTPUT[g.output]).numpy()
 

@@ -84,13 +84,25 @@ def arm_stats(runs: list[Run]) -> dict[str, Any]:
                        for r in runs]}
 
 
-def interleaved(arms: dict[str, Callable[[], Run]], rounds: int) -> dict[str, dict[str, Any]]:
-    """Every arm once per round, the order rotating, so drifting load hits all alike."""
+def interleaved(arms: dict[str, Callable[[float], Run]], rounds: int, seconds: float,
+                chunks: int = 10) -> dict[str, dict[str, Any]]:
+    """Each round gives every arm `seconds`, in `chunks` slices alternating between the arms
+    (the order rotating): on a shared machine whose load moves within a second, every arm
+    meets the same load, which whole-second turns did not (ratios swung 0.4-0.8)."""
     runs: dict[str, list[Run]] = {k: [] for k in arms}
     names = list(arms)
     for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            runs[k].append(arms[k]())
+        parts: dict[str, list[Run]] = {k: [] for k in arms}
+        for c in range(chunks):
+            k0 = (r + c) % len(names)
+            for k in names[k0:] + names[:k0]:
+                parts[k].append(arms[k](seconds / chunks))
+        for k, ps in parts.items():
+            cpu = [p.cpu_s for p in ps]
+            runs[k].append(Run(sum(p.calls for p in ps), sum(p.rows for p in ps),
+                               sum(p.wall_s for p in ps), [x for p in ps for x in p.latencies_ns],
+                               None if None in cpu else sum(c for c in cpu if c is not None),
+                               ps[-1].load))
     return {k: arm_stats(v) for k, v in runs.items()}
 
 
@@ -188,7 +200,7 @@ def run(args: argparse.Namespace, store: Path, tmp: Path) -> int:
         for calls in arms.values():  # warm-up
             run_anchor(calls, args.batch, 0.3)
         results[f"in_process/{mode}"] = interleaved(
-            {k: partial(run_anchor, c, args.batch, seconds) for k, c in arms.items()}, rounds)
+            {k: partial(run_anchor, c, args.batch) for k, c in arms.items()}, rounds, seconds)
     registry.unload(MODEL, VERSION, 1.0)
     if not args.no_grpc:
         results.update(over_grpc(args, store, tmp, raw, last))
@@ -214,12 +226,16 @@ def over_grpc(args: argparse.Namespace, store: Path, tmp: Path, raw: Callable[[s
             for r in reqs.values():
                 driver.run(r, args.batch, 1, 0.3, server.pid)
             out[f"grpc/{mode}"] = interleaved(
-                {k: partial(driver.run, r, args.batch, 1, args.seconds, server.pid)
-                 for k, r in reqs.items()}, args.rounds)
+                {k: partial(grpc_run, driver, r, args.batch, server.pid) for k, r in reqs.items()},
+                args.rounds, args.seconds)
         return out
     finally:
         driver.close()
         server.stop()
+
+
+def grpc_run(driver: GrpcDriver, reqs: list[bytes], batch: int, pid: int, seconds: float) -> Run:
+    return driver.run(reqs, batch, 1, seconds, pid)
 
 
 def start(store: Path, tmp: Path, last: int) -> tuple[ServerProcess, GrpcDriver]:
