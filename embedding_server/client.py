@@ -165,6 +165,7 @@ class EmbeddingClient:
         deadline = time.monotonic() + budget
         if self._calls.routing is not None:
             self._calls.routing.start()
+        want = (model, version, fingerprint, seq)
         split = [split_query(q, self.num_shards) for q in queries]
         requests = [
             pb.LookupRequest(model=model, version=version, fingerprint=fingerprint, seq=seq,
@@ -172,7 +173,7 @@ class EmbeddingClient:
             for k in range(self.num_shards)
         ]
         answers = await asyncio.gather(
-            *(self._calls.call(k, r, deadline) for k, r in enumerate(requests)))
+            *(self._calls.call(k, r, deadline, want) for k, r in enumerate(requests)))
         # Without a fingerprint to check, the shards must at least agree with each other:
         # two builds published under one version name must never be merged into one answer.
         expected = fingerprint or (answers[0].fingerprint if answers else "")

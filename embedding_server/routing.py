@@ -65,6 +65,7 @@ MIN_REFRESH_INTERVAL_S = 0.05
 REFRESH_TIMEOUT_S = 1.0
 
 Key = tuple[str, str]  # (model, version)
+Want = tuple[str, str, str, int]  # what a lookup asks: (model, version, fingerprint, seq)
 # ListVersions of replica r of shard k, with a timeout in seconds.
 Fetch = Callable[[int, int, float], Awaitable[pb.ListVersionsResponse]]
 
@@ -109,7 +110,7 @@ class RoutingTable:
         self.refresh_s = refresh_s
         # None: never heard from (may be asked anything).
         self.held: list[list[dict[Key, Held] | None]] = [[None] * len(s) for s in shards]
-        self._cache: dict[tuple[int, str, str, str, int], Choice] = {}
+        self._cache: list[dict[Want, Choice]] = [{} for _ in shards]
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0  # monotonic start of the last refresh round
         self._loop_task: asyncio.Task[None] | None = None
@@ -124,16 +125,17 @@ class RoutingTable:
         held = ready_versions(resp)
         if held != self.held[k][r]:
             self.held[k][r] = held
-            self._cache.clear()
+            self._cache[k].clear()
 
-    def choose(self, k: int, model: str, version: str, fingerprint: str, seq: int) -> Choice:
-        """The replicas of shard k a lookup for (model, version, fingerprint, seq) may use."""
+    def choose(self, k: int, want: Want) -> Choice:
+        """The replicas of shard k a lookup for `want` may use (cached until an answer
+        changes: the common case costs one dict lookup per shard)."""
         if not self._routed[k]:
             return EVERY_REPLICA
-        key = (k, model, version, fingerprint, seq)
-        choice = self._cache.get(key)
+        choice = self._cache[k].get(want)
         if choice is None:
-            choice = self._cache[key] = self._choose(k, (model, version), fingerprint, seq)
+            model, version, fingerprint, seq = want
+            choice = self._cache[k][want] = self._choose(k, (model, version), fingerprint, seq)
         return choice
 
     def _choose(self, k: int, key: Key, fingerprint: str, seq: int) -> Choice:

@@ -27,6 +27,7 @@ from embedding_server.routing import (
     NO_REPLICA_HOLDS_VERSION,
     Choice,
     RoutingTable,
+    Want,
 )
 from modelpack.lookup import FINGERPRINT_MISMATCH, SEQ_NOT_APPLIED, VERSION_NOT_LOADED
 from protos import embedding_pb2 as pb
@@ -204,24 +205,25 @@ class ShardCalls:
             raise AttemptFailed(e.code(), reason_of(e.trailing_metadata()),
                                 e.details() or "", replica) from None
 
-    async def _choose(self, k: int, request: pb.LookupRequest, deadline: float) -> Choice:
+    async def _choose(self, k: int, request: pb.LookupRequest, want: Want, deadline: float
+                      ) -> Choice:
         """The replicas of shard k that may answer `request`; raises when none can."""
-        if self.routing is None:
-            return EVERY_REPLICA
-        args = (k, request.model, request.version, request.fingerprint, request.seq)
-        choice = self.routing.choose(*args)
-        if choice.replicas is None or choice.replicas:
-            return choice
+        assert self.routing is not None
         # Never fail on a stale word: a version loaded or a seq applied a moment ago.
         await self.routing.ensure_fresh(deadline - time.monotonic())
-        choice = self.routing.choose(*args)
+        choice = self.routing.choose(k, want)
         if choice.replicas is None or choice.replicas:
             return choice
         raise _no_choice(k, request, choice, self.routing.describe(k, request.model))
 
-    async def call(self, k: int, request: pb.LookupRequest, deadline: float) -> pb.LookupResponse:
-        """Shard k's answer to `request` by `deadline` (monotonic), or its exception."""
-        allowed = (await self._choose(k, request, deadline)).replicas
+    async def call(self, k: int, request: pb.LookupRequest, deadline: float, want: Want
+                   ) -> pb.LookupResponse:
+        """Shard k's answer to `request` (asking `want`) by `deadline` (monotonic), or its
+        exception."""
+        choice = EVERY_REPLICA if self.routing is None else self.routing.choose(k, want)
+        if choice.replicas is not None and not choice.replicas:
+            choice = await self._choose(k, request, want, deadline)
+        allowed = choice.replicas
         first_failure = 0.0
         attempt = 0
         refused: set[int] = set()  # replicas (stream slots) that refused it

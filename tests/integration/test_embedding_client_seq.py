@@ -1,7 +1,10 @@
 """The client and delta seqs: every answer's seq is checked, a replica that cannot read the
 seq is failed over to a sibling, and a shard none of whose replicas can read it fails
 SeqNotAppliedError, on both transports. The shard replicas are real gRPC servers on real
-ports that answer like a shard holding certain seqs (the protocol only: rows are zeros)."""
+ports that answer like a shard holding certain seqs (the protocol only: rows are zeros).
+They do not implement ListVersions, so the client's routing table never hears from them
+and routes as without one (like a dns:/// shard): these are the failover rule's own tests
+(test_embedding_client_routing.py: the same fleet state routed around)."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def table(fleet: Fleet, shards: list[list[str]] = SHARDS, refresh_s: float = 1.0
 
 def test_unknown_replicas_may_be_asked_anything_until_they_answer() -> None:
     t = table(Fleet())
-    assert t.choose(0, "m", "v9", FP1, 7) == EVERY_REPLICA  # nothing known: as without a table
+    assert t.choose(0, ("m", "v9", FP1, 7)) == EVERY_REPLICA  # nothing known: as without a table
 
 
 def test_choice_by_version_fingerprint_and_seq() -> None:
@@ -66,16 +66,16 @@ def test_choice_by_version_fingerprint_and_seq() -> None:
         return t
 
     t = asyncio.run(main())
-    assert t.choose(0, "m", "v1", FP1, 0) == Choice(frozenset({0}), 1)
-    assert t.choose(1, "m", "v1", FP1, 1) == Choice(frozenset({0}), 1)
-    assert t.choose(0, "m", "v2", FP2, 0) == EVERY_REPLICA  # both hold it: the common case
-    assert t.choose(0, "m", "v2", "", 0) == EVERY_REPLICA  # no fingerprint named: any build
-    assert t.choose(0, "m", "v1", FP1, 2) == Choice(frozenset(), 1)  # held, seq 2 unreadable
-    assert t.choose(0, "m", "v3", FP1, 0) == Choice(frozenset(), 0)  # held by none
-    other = t.choose(0, "m", "v1", OTHER, 0)  # another build: named, never chosen
+    assert t.choose(0, ("m", "v1", FP1, 0)) == Choice(frozenset({0}), 1)
+    assert t.choose(1, ("m", "v1", FP1, 1)) == Choice(frozenset({0}), 1)
+    assert t.choose(0, ("m", "v2", FP2, 0)) == EVERY_REPLICA  # both hold it: the common case
+    assert t.choose(0, ("m", "v2", "", 0)) == EVERY_REPLICA  # no fingerprint named: any build
+    assert t.choose(0, ("m", "v1", FP1, 2)) == Choice(frozenset(), 1)  # held, seq 2 unreadable
+    assert t.choose(0, ("m", "v3", FP1, 0)) == Choice(frozenset(), 0)  # held by none
+    other = t.choose(0, ("m", "v1", OTHER, 0))  # another build: named, never chosen
     assert other.replicas == frozenset() and other.holders == 0
     assert other.other_builds == (f"10.0.0.1:1 ({FP1})",)
-    assert t.choose(0, "x", "v1", FP1, 0).replicas == frozenset()  # another model
+    assert t.choose(0, ("x", "v1", FP1, 0)).replicas == frozenset()  # another model
     assert "10.0.0.2:1: v2 READY" in t.describe(0, "m")
 
 
@@ -85,12 +85,12 @@ def test_only_ready_versions_count_and_a_change_is_seen() -> None:
     async def main() -> None:
         t = table(fleet)
         await t.refresh()
-        assert t.choose(0, "m", "v1", FP1, 0).replicas == frozenset({0})
+        assert t.choose(0, ("m", "v1", FP1, 0)).replicas == frozenset({0})
         fleet.answers[0, 0] = answer(("v1", FP1, UNLOADING, [0]), ("v2", FP2, READY, [0]))
         fleet.answers[0, 1] = answer(("v1", FP1, READY, []), ("v2", FP2, READY, [0]))
         await t.refresh()
         # r0 unloading no longer holds it; r1 lists no seqs: it may be asked any.
-        assert t.choose(0, "m", "v1", FP1, 5).replicas == frozenset({1})
+        assert t.choose(0, ("m", "v1", FP1, 5)).replicas == frozenset({1})
 
     asyncio.run(main())
 
@@ -104,7 +104,7 @@ def test_a_replica_that_does_not_answer_keeps_its_last_word() -> None:
         fleet.answers[0, 0] = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE,
                                                    grpc.aio.Metadata(), grpc.aio.Metadata())
         await t.refresh()
-        assert t.choose(0, "m", "v1", FP1, 0).replicas == frozenset({0})
+        assert t.choose(0, ("m", "v1", FP1, 0)).replicas == frozenset({0})
 
     asyncio.run(main())
 
@@ -119,7 +119,7 @@ def test_dns_targets_and_single_replicas_are_not_routed() -> None:
 
     t = asyncio.run(main())
     assert fleet.calls == 0 and not t.routed(0) and not t.routed(1)
-    assert t.choose(0, "m", "v3", FP1, 0) == EVERY_REPLICA
+    assert t.choose(0, ("m", "v3", FP1, 0)) == EVERY_REPLICA
 
 
 def test_periodic_refresh_and_close() -> None:
@@ -169,11 +169,11 @@ def test_choice_cache_follows_the_answers(refused: int) -> None:
     async def main() -> None:
         t = table(fleet)
         await t.refresh()
-        assert t.choose(1, "m", "v1", FP1, 0).replicas == frozenset({0})
+        assert t.choose(1, ("m", "v1", FP1, 0)).replicas == frozenset({0})
         fleet.answers[1, 1] = answer(("v1", FP1, READY, [0]))
         fleet.answers[1, 0] = answer() if refused else fleet.answers[1, 0]
         await t.refresh()
         want = frozenset({1}) if refused else None
-        assert t.choose(1, "m", "v1", FP1, 0).replicas == want
+        assert t.choose(1, ("m", "v1", FP1, 0)).replicas == want
 
     asyncio.run(main())
