@@ -1,6 +1,7 @@
 """Client of a ranker's HTTP admin API (bearer token), one base URL per call.
 
-Contract (ranker_server): GET/POST /admin/v1/versions, POST .../{v}/prepare,
+Contract (ranker_server): GET/POST /admin/v1/versions, POST .../{v}/prepare (with
+?min_replicas=1 in a blue/green rollout: one replica per shard holding v READY is enough),
 POST .../{v}/activate, PUT /admin/v1/split, DELETE .../{v}?timeout_s=, GET /metrics,
 PUT .../{v}/seq {"seq": s, "fingerprint"?: f} (the delta seq the ranker reads v at).
 Errors become FleetError; connection failures, 5xx and 409 (still busy: in-flight
@@ -69,7 +70,7 @@ class RankerAdmin:
 
     async def prepare(self, url: str, version: str, any_replica: bool = False) -> None:
         await self._call("POST", url, f"/admin/v1/versions/{quote(version)}/prepare",
-                         params={"replicas": "any"} if any_replica else None)
+                         params={"min_replicas": 1} if any_replica else None)
 
     async def activate(self, url: str, version: str) -> None:
         await self._call("POST", url, f"/admin/v1/versions/{quote(version)}/activate")

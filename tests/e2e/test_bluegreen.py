@@ -1,0 +1,117 @@
+"""Blue/green with real processes: 2 shards x 2 replicas whose memory budget holds one
+version (the small store's tables are 40,000 bytes per shard; the budget is 60,000), a
+ranker routing lookups by version, the controller, steady load through the ranker.
+
+v1 -> v2 under load: `deployctl rollout --plan` shows the blue/green plan the controller
+chose (two versions do not fit), then the rollout runs; the controller is SIGKILLed at a
+step boundary mid-plan (shift:0's end: wave 0 on v2, half the traffic on it) and
+restarted: it resumes and ends all-new. Zero failed requests, zero mismatches, every
+answer from v1 or v2, the p99 while the rollout ran within 2x the steady p99 before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from deploy_controller import cli
+from ranker_server.config import RankerConfig
+from tests.stack import AUTH, MODEL, Load, Stack, start_stack
+from tests.unit.controller_helpers import wait_done
+
+pytestmark = pytest.mark.slow
+
+BUDGET = "60000"  # one version's tables (40,000 bytes per shard), not two
+GATES = ("--gate-interval-s", "0.4", "--gate-min-requests", "10", "--gate-p99-slack-s", "0.25",
+         "--gate-max-score-drift", "0.5", "--retry-backoff-s", "0.2")
+CRASH_AT = "shift:0:end"
+# The ranker accepts one replica per shard holding a version at prepare (blue/green).
+HAS_MIN_REPLICAS = "prepare_min_replicas" in {f.name for f in dataclasses.fields(RankerConfig)}
+
+
+@pytest.fixture(scope="module")
+def stack(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not HAS_MIN_REPLICAS:
+        pytest.skip("the ranker has no --prepare-min-replicas yet (ranker_server/config.py)")
+    with start_stack(store, tmp_path_factory.mktemp("bg"), replicas=(2, 2), gates=GATES,
+                     shard_extra=("--memory-budget", BUDGET),
+                     ranker_extra=("--prepare-min-replicas", "1")) as s:
+        yield s
+
+
+def _held(stack: Stack) -> list[dict[str, str]]:
+    """Every replica's versions and states (all 4, not only each shard's first)."""
+    shards = stack.shards
+    try:
+        stack.shards = [p for reps in stack.replicas for p in reps]
+        return stack.shard_versions()
+    finally:
+        stack.shards = shards
+
+
+def _p99(xs: list[float]) -> float:
+    return float(np.percentile(np.asarray(xs), 99))
+
+
+def test_blue_green_under_load_with_a_sigkill_mid_plan(stack: Stack) -> None:
+    assert _held(stack) == [{"v1": "VERSION_STATE_READY"}] * 4
+    journal, mism0 = stack.dir / "bg.sqlite", stack.mismatches()
+    doomed = stack.controller("ctl_bg", journal, crash_at=CRASH_AT).start().wait_ready()
+    url = f"http://{doomed.address}"
+    out = io.StringIO()
+    assert cli.main(["rollout", MODEL, "v2", "--canary", "50,100", "--plan", "--controller",
+                     url, "--token-file", str(stack.token)], out) == 0, out.getvalue()
+    print("\n" + out.getvalue())
+    assert "blue_green (two versions do not fit one replica" in out.getvalue()
+    with Load(stack) as load:
+        time.sleep(3.0)  # steady state
+        t_start = time.time()
+        with httpx.Client(base_url=url) as c:
+            r = c.post("/v1/rollouts", json={"model": MODEL, "version": "v2",
+                                             "canary": [50, 100], "bake_s": 2.0}, headers=AUTH)
+            assert r.status_code == 202, r.text
+            rid = r.json()["id"]
+        assert doomed.proc is not None
+        try:
+            rc = doomed.proc.wait(timeout=90)
+        finally:
+            doomed.stop(signal.SIGKILL)
+        assert rc == -signal.SIGKILL, doomed.log_tail()
+        mid = _held(stack)  # what the crash left: wave 0 on v2, wave 1 on v1
+        ctl = stack.controller("ctl_bg_restart", journal).start().wait_ready()
+        try:
+            with httpx.Client(base_url=f"http://{ctl.address}") as c:
+                done = wait_done(c, rid, timeout=120, poll_s=0.2)
+        finally:
+            ctl.stop()
+        t_end = time.time()
+        time.sleep(1.0)
+    assert done["status"] == "succeeded" and done["strategy"] == "blue_green", done["reason"]
+    decisions = [e["detail"]["decision"] for e in done["events"] if e["event"] == "recover"]
+    assert decisions == ["resume"]
+    assert sorted(map(sorted, mid)) == [["v1"], ["v1"], ["v2"], ["v2"]], mid
+    assert _held(stack) == [{"v2": "VERSION_STATE_READY"}] * 4
+    st = stack.ranker_status()
+    assert st["active"] == "v2" and [v["version"] for v in st["versions"]] == ["v2"], st
+    failed = load.failures()
+    assert failed == [], failed[:5]
+    assert stack.mismatches() == mism0
+    assert {x.version for x in load.results} == {"v1", "v2"}
+    steady = [x.t1 - x.t0 for x in load.results if x.t1 < t_start]
+    during = [x.t1 - x.t0 for x in load.results if t_start <= x.t0 and x.t1 <= t_end]
+    p99s, p99r = _p99(steady), _p99(during)
+    print(f"blue/green v1 -> v2: {len(load.results)} requests, {len(failed)} failed, "
+          f"0 mismatched; steady p99 {p99s * 1e3:.1f} ms ({len(steady)} requests), during the "
+          f"rollout {p99r * 1e3:.1f} ms ({len(during)} requests, incl. the controller's "
+          f"SIGKILL at {CRASH_AT} and restart): {p99r / p99s:.2f}x; rollout "
+          f"{t_end - t_start:.1f} s")
+    assert len(steady) > 50 and len(during) > 100
+    assert p99r <= 2 * p99s, (p99s, p99r)
