@@ -212,7 +212,10 @@ class RoutingTable:
 
     async def _periodic(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug in one round must not stop routing from learning
+                log.exception("routing: refresh round failed")
             await asyncio.sleep(self.refresh_s)
 
     async def close(self) -> None:

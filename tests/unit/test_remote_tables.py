@@ -5,6 +5,7 @@ no replica holding it is no_replica_holds_version; the prepare rule (every repli
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -41,6 +42,26 @@ class FailingClient:
         raise self.error
 
 
+def _refusal(error: Exception, *, version: str = "v1", seq: int = 0,
+             metrics: Metrics | None = None,
+             before: Callable[[RemoteTables], None] | None = None) -> RankError:
+    """The RankError RemoteTables.lookup raises when its client fails with `error`."""
+    pinned = cast(LoadedVersion, SimpleNamespace(
+        manifest=SimpleNamespace(model="tiny", version=version, fingerprint=FP), seq=seq))
+
+    async def run() -> RankError:
+        remote = RemoteTables([["127.0.0.1:9"]], 1.0, metrics=metrics)
+        await remote.close()
+        if before is not None:
+            before(remote)
+        remote.client = FailingClient(error)  # type: ignore[assignment]
+        with pytest.raises(RankError) as e:
+            await remote.lookup(pinned, [], 1.0)
+        return e.value
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize(("error", "reason"), [
     (VersionNotLoadedError("shard 1: FAILED_PRECONDITION: not loaded", FAILED, 1, VERSION_NOT_LOADED),
      "version_not_loaded"),
@@ -50,18 +71,7 @@ class FailingClient:
     (EmbeddingLookupError("shard 1: FAILED_PRECONDITION: refused", FAILED, 1), "version_mismatch"),
 ])
 def test_version_failures_map_to_their_own_reasons(error: Exception, reason: str) -> None:
-    version = cast(LoadedVersion, SimpleNamespace(
-        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint=FP), seq=0))
-
-    async def run() -> RankError:
-        remote = RemoteTables([["127.0.0.1:9"]], 1.0)
-        await remote.close()
-        remote.client = FailingClient(error)  # type: ignore[assignment]
-        with pytest.raises(RankError) as e:
-            await remote.lookup(version, [], 1.0)
-        return e.value
-
-    e = asyncio.run(run())
+    e = _refusal(error)
     assert (e.status, e.reason) == (503, reason)
     assert "tiny/v1" in e.message and str(error) in e.message
     assert e.retry_after_s == (1 if reason == "version_not_loaded" else None)
@@ -78,24 +88,16 @@ def test_each_version_failure_has_its_own_counter() -> None:
 def test_no_replica_at_the_seq_is_503_seq_not_applied_and_counted() -> None:
     """seq_not_applied names the seq and is retried later (503), never served otherwise;
     every replica's refusal counts in ranker_seq_not_applied_total{shard}."""
-    version = cast(LoadedVersion, SimpleNamespace(
-        manifest=SimpleNamespace(model="tiny", version="v1", fingerprint=FP), seq=4))
     error = SeqNotAppliedError("shard 1: FAILED_PRECONDITION: not readable", FAILED, 1,
                                SEQ_NOT_APPLIED)
     metrics = Metrics()
 
-    async def run() -> RankError:
-        remote = RemoteTables([["127.0.0.1:9"]], 1.0, metrics=metrics)
-        await remote.close()
+    def refused_once(remote: RemoteTables) -> None:
         hook = remote.client.on_seq_not_applied  # what the client calls per refusal
         assert hook is not None
         hook(1)
-        remote.client = FailingClient(error)  # type: ignore[assignment]
-        with pytest.raises(RankError) as e:
-            await remote.lookup(version, [], 1.0)
-        return e.value
 
-    e = asyncio.run(run())
+    e = _refusal(error, seq=4, metrics=metrics, before=refused_once)
     assert (e.status, e.reason, e.retry_after_s) == (503, "seq_not_applied", 1)
     assert "tiny/v1 at delta seq 4" in e.message and "shard 1" in e.message
     assert metrics.registry.get_sample_value("ranker_seq_not_applied_total", {"shard": "1"}) == 1
@@ -104,21 +106,10 @@ def test_no_replica_at_the_seq_is_503_seq_not_applied_and_counted() -> None:
 def test_no_holder_is_503_no_replica_holds_version_and_counted() -> None:
     """The routing table's fast refusal: its own reason and counter, not version_not_loaded
     (whose counter the rollout gates read), Retry-After, shard and version named."""
-    version = cast(LoadedVersion, SimpleNamespace(
-        manifest=SimpleNamespace(model="tiny", version="v2", fingerprint=FP), seq=0))
     error = NoReplicaHoldsVersionError("shard 1: no replica holds tiny/v2 READY", FAILED, 1,
                                        NO_REPLICA_HOLDS_VERSION)
     metrics = Metrics()
-
-    async def run() -> RankError:
-        remote = RemoteTables([["127.0.0.1:9"]], 1.0, metrics=metrics)
-        await remote.close()
-        remote.client = FailingClient(error)  # type: ignore[assignment]
-        with pytest.raises(RankError) as e:
-            await remote.lookup(version, [], 1.0)
-        return e.value
-
-    e = asyncio.run(run())
+    e = _refusal(error, version="v2", metrics=metrics)
     assert (e.status, e.reason, e.retry_after_s) == (503, NO_REPLICA_HOLDS_VERSION, 1)
     assert "shard 1" in e.message and "tiny/v2" in e.message
     sample = metrics.registry.get_sample_value

@@ -79,7 +79,8 @@ def test_choice_by_version_fingerprint_and_seq() -> None:
     assert "10.0.0.2:1: v2 READY" in t.describe(0, "m")
 
 
-def test_only_ready_versions_count_and_a_change_is_seen() -> None:
+def test_only_ready_versions_count_a_change_is_seen_and_silence_keeps_the_last_word(
+        ) -> None:
     fleet = Fleet()
 
     async def main() -> None:
@@ -91,20 +92,10 @@ def test_only_ready_versions_count_and_a_change_is_seen() -> None:
         await t.refresh()
         # r0 unloading no longer holds it; r1 lists no seqs: it may be asked any.
         assert t.choose(0, ("m", "v1", FP1, 5)).replicas == frozenset({1})
-
-    asyncio.run(main())
-
-
-def test_a_replica_that_does_not_answer_keeps_its_last_word() -> None:
-    fleet = Fleet()
-
-    async def main() -> None:
-        t = table(fleet)
-        await t.refresh()
-        fleet.answers[0, 0] = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE,
+        fleet.answers[0, 1] = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE,
                                                    grpc.aio.Metadata(), grpc.aio.Metadata())
-        await t.refresh()
-        assert t.choose(0, ("m", "v1", FP1, 0)).replicas == frozenset({0})
+        await t.refresh()  # r1 down: what it said last stands (UNAVAILABLE fails it over)
+        assert t.choose(0, ("m", "v1", FP1, 5)).replicas == frozenset({1})
 
     asyncio.run(main())
 
