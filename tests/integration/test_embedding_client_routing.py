@@ -29,6 +29,8 @@ from loadtest.harness.process import ServerProcess, start_all, stop_all
 from modelpack.manifest import read_manifest
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
+from ranker_server.remote_tables import RemoteTables
+from ranker_server.sources import PrepareError
 from tests.helpers_store import tiny_version
 from tests.integration.client_fleet import ROWS, file_rows, query, run_with, shard_server
 
@@ -170,3 +172,23 @@ def test_no_holder_fails_at_once_with_its_own_reason(
         assert time.monotonic() - t0 < 0.1
 
     run_with(shards(servers), body)
+
+
+def test_the_rankers_prepare_rule_on_a_half_converted_fleet(
+        store: Path, servers: dict[str, ServerProcess]) -> None:
+    """Every replica (the default, in-place rollouts) refuses v1, which b0 and b1 lack; one
+    per shard (blue/green) accepts it; v2, on every replica, passes both."""
+    v1, v2 = (read_manifest(store / "tiny" / v) for v in ("v1", "v2"))
+
+    async def main() -> None:
+        remote = RemoteTables(shards(servers), 5.0, prepare_min_replicas=1)
+        try:
+            await remote.prepare(v1)
+            with pytest.raises(PrepareError, match=rf"shard 0 replica {servers['b0'].address} "
+                                                   r"does not hold tiny/v1"):
+                await remote.prepare(v1, min_replicas=0)
+            await remote.prepare(v2, min_replicas=0)
+        finally:
+            await remote.close()
+
+    asyncio.run(main())
