@@ -2,12 +2,13 @@
 
 Two policies, compared on the demo's day-1 traffic by loadtest/bench/cache_mrc.py:
 
-- `lru`: every miss is admitted, the least recently used entries make room.
+- `lru`: every miss is admitted, the least recently used entries make room (sampled:
+  the oldest of 16 random slots per victim, as Redis approximates LRU).
 - `tinylfu` (the default): a miss takes an LRU victim's place only if the frequency
   sketch has seen it more often than that victim (TinyLFU, Einziger et al. 2017). One-off
   rows of the long tail then stop pushing hot rows out; free space is always filled.
 
-The sketch is a count-min sketch (4 rows of 16-bit counters, about 8 per cache entry)
+The sketch is a count-min sketch (4 rows of 16-bit counters, 4-8 per cache entry)
 counting batches that asked for a row; every `10 * entries` counts all counters are
 halved, so yesterday's hot rows fade. Everything here is vectorized over a batch.
 """
@@ -26,13 +27,14 @@ _DEPTH = 4
 _SEEDS = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
                    0xD6E8FEB86659FD93], dtype=np.uint64)
 _ROW_MIX = np.uint64(0xFF51AFD7ED558CCD)
+_SAMPLES = 16  # slots sampled per victim needed: the oldest of 16 is in the oldest ~6%
 
 
 class FrequencySketch:
     """How often each (table key, row) was asked for, approximately, with aging."""
 
     def __init__(self, entries: int) -> None:
-        width = 1 << max(10, (max(1, 8 * entries) - 1).bit_length())
+        width = 1 << max(10, (max(1, 4 * entries) - 1).bit_length())
         self._bits = np.uint64(64 - (width.bit_length() - 1))
         self._counts = np.zeros((_DEPTH, width), np.uint16)
         self._sample = max(1000, 10 * entries)
@@ -66,13 +68,19 @@ class FrequencySketch:
         return est
 
 
-def lru_victims(ticks: npt.NDArray[np.int64], used: npt.NDArray[np.intp], k: int
-                ) -> npt.NDArray[np.intp]:
-    """The `k` used slots touched longest ago (any order)."""
-    if k >= used.size:
-        return used
-    part = np.argpartition(ticks[used], k - 1)[:k]
-    victims: npt.NDArray[np.intp] = used[part]
+def lru_victims(used_at: npt.NDArray[np.int64], key: npt.NDArray[np.int64], now: int, k: int,
+                rng: np.random.Generator, samples: int = _SAMPLES) -> npt.NDArray[np.intp]:
+    """Up to `k` occupied slots (key >= 0) not used at tick `now`: the least recently used
+    of a random sample of `samples * k` slots (Redis' approximated LRU), so a batch's
+    eviction costs O(k), not a pass over the whole cache."""
+    n = used_at.size
+    exhaustive = samples * k >= n
+    pick = np.arange(n) if exhaustive else rng.integers(0, n, samples * k)
+    pick = pick[(key[pick] >= 0) & (used_at[pick] < now)]
+    if pick.size > k:
+        pick = pick[np.argpartition(used_at[pick], k - 1)[:k]]
+    # A sample may repeat a slot: each victim once (a few fewer than k, then).
+    victims: npt.NDArray[np.intp] = (pick if exhaustive else np.unique(pick)).astype(np.intp)
     return victims
 
 

@@ -89,6 +89,8 @@ class RowCache:
         self._hi = np.empty(0, np.int64)
         self._used_at = np.empty(0, np.int64)
         self._sketch: FrequencySketch | None = None
+        self._free_slots = 0  # slots with key -1 (a scan for free ones only when some are)
+        self._rng = np.random.default_rng(0)  # eviction samples: reproducible runs
 
     # -- versions and deltas -------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class RowCache:
                 del self._tables[k]
             slots = np.flatnonzero(np.isin(self._key, keys))
             self._key[slots] = -1
+            self._free_slots += int(slots.size)
             return int(slots.size)
 
     def _table(self, v: _Version, fingerprint: str, name: str, num_rows: int) -> _Table:
@@ -234,17 +237,16 @@ class RowCache:
                ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
         """Slots for some of the new rows: free ones first, then the policy's victims.
         Returns (positions in `rows` admitted, their slots)."""
-        free = np.flatnonzero(self._key < 0)
+        free = np.flatnonzero(self._key < 0)[:new.size] if self._free_slots else new[:0]
         if self._sketch is not None and new.size > free.size:
             freq = self._sketch.estimate(t.key, rows[new])
             new = new[np.argsort(-freq.astype(np.int32), kind="stable")]  # hottest get free slots
         into_free = min(new.size, free.size)
+        self._free_slots -= into_free
         take, where = [new[:into_free]], [free[:into_free]]
         rest = new[into_free:][: self.slots]
-        if rest.size:
-            used = np.flatnonzero(self._key >= 0)
-            fresh = self._used_at[used] < self._tick  # not the rows this call replaces
-            victims = lru_victims(self._used_at, used[fresh], rest.size)
+        if rest.size:  # not the rows this call replaces (used at this tick)
+            victims = lru_victims(self._used_at, self._key, self._tick, rest.size, self._rng)
             if self._sketch is None:
                 n = min(rest.size, victims.size)
                 won, lost = rest[:n], victims[:n]
@@ -253,6 +255,7 @@ class RowCache:
                                   self._victim_freq(victims))
                 won, lost = rest[c], victims[w]
             self._evict(lost)
+            self._free_slots -= int(lost.size)  # taken again at once, below
             take.append(won)
             where.append(lost)
         return np.concatenate(take), np.concatenate(where)
@@ -260,25 +263,20 @@ class RowCache:
     def _victim_freq(self, victims: npt.NDArray[np.intp]) -> npt.NDArray[np.uint16]:
         assert self._sketch is not None
         freq = np.zeros(victims.size, np.uint16)
-        keys = self._key[victims]
-        for k in np.unique(keys):
-            mine = keys == k
-            freq[mine] = self._sketch.estimate(int(k), self._row[victims[mine]])
+        for k, mine in _by_key(self._key[victims]):
+            freq[mine] = self._sketch.estimate(k, self._row[victims[mine]])
         return freq
 
     def _evict(self, slots: npt.NDArray[np.intp]) -> None:
-        keys = self._key[slots]
-        for k in np.unique(keys):
-            v, _ = self._tables[int(k)]
-            v.stats.evictions += int((keys == k).sum())
+        for k, mine in _by_key(self._key[slots]):
+            self._tables[k][0].stats.evictions += int(mine.sum())
         self._free(slots)
 
     def _free(self, slots: npt.NDArray[np.intp]) -> int:
-        keys = self._key[slots]
-        for k in np.unique(keys):
-            _, t = self._tables[int(k)]
-            t.slot_of[self._row[slots[keys == k]]] = -1
+        for k, mine in _by_key(self._key[slots]):
+            self._tables[k][1].slot_of[self._row[slots[mine]]] = -1
         self._key[slots] = -1
+        self._free_slots += int(slots.size)
         return int(slots.size)
 
     def _allocate(self, width: int) -> None:
@@ -291,6 +289,7 @@ class RowCache:
         self._hi = np.full(n, OPEN, np.int64)
         self._used_at = np.zeros(n, np.int64)
         self._sketch = FrequencySketch(n) if self.policy == "tinylfu" else None
+        self._free_slots = n
 
     # -- what the admin API and /metrics show -------------------------------------------
 
@@ -308,3 +307,12 @@ class RowCache:
             return {"capacity_bytes": self.capacity_bytes, "policy": self.policy,
                     "device": str(self.device), "row_bytes": self.width, "slots": self.slots,
                     "entries": used, "bytes": used * self.width, "versions": versions}
+
+
+def _by_key(keys: npt.NDArray[np.int64]) -> list[tuple[int, npt.NDArray[np.bool_]]]:
+    """Each table key among `keys` with its positions (one key, the usual case, unsorted)."""
+    if keys.size == 0:
+        return []
+    if (keys == keys[0]).all():
+        return [(int(keys[0]), np.ones(keys.size, bool))]
+    return [(int(k), keys == k) for k in np.unique(keys)]

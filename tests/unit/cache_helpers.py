@@ -83,10 +83,10 @@ class Reference:
         return None
 
 
-def cached(store: Store, capacity_rows: int, policy: Policy = "tinylfu"
+def cached(store: Store, capacity_rows: int, policy: Policy = "tinylfu", device: str = "cpu"
            ) -> tuple[CachedTables, Reference]:
     ref = Reference(store)
-    cache = RowCache(capacity_rows * WIDTH, policy, torch.device("cpu"))
+    cache = RowCache(capacity_rows * WIDTH, policy, torch.device(device))
     src = CachedTables(ref, cache, store.delta_rows)
     src.open_version(store.manifest)  # type: ignore[arg-type]
     return src, ref
