@@ -253,7 +253,7 @@ class VersionRegistry:
     def apply_deltas(self, model: str, version: str, seq: int, fingerprint: str = ""
                      ) -> tuple[Entry, int]:
         """Make a READY version readable at delta seq `seq`; returns its entry and the rows
-        applied (0 when `seq` was readable already: idempotent).
+        applied (0 when `seq` was readable already: it only becomes the newest again).
 
         Every delta is verified before anything is built (delta_refused, nothing changed);
         the new state's memory is reserved in the budget first (RESOURCE_EXHAUSTED), then it
@@ -270,7 +270,12 @@ class VersionRegistry:
             have = deltas.readable.get(seq)
             if have is not None:
                 deltas.check_link(seq, fingerprint, have.link)
+                # Re-applying a readable seq makes it the newest again: after a failed gate
+                # the controller re-applies s, and the next advance must then drop the
+                # state it moved away from, not s, which the rankers read.
+                deltas.publish(have)
                 with self._cond:
+                    e.applied_seq = seq
                     return e.copy(), 0
             t0 = time.monotonic()
             prepared = deltas.prepare(seq, fingerprint)  # reads and verifies: no registry lock

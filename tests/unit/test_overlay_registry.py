@@ -70,8 +70,12 @@ def test_window_idempotence_refusal_rebuild_and_unload(store: Path) -> None:
             reg.apply_deltas("tiny", "v1", seq, fp)
         assert (err.value.code, err.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, DELTA_REFUSED)
         assert reg.snapshot()[0].readable_seqs == (2, 3)
+    # Re-applying a readable seq makes it the newest (the controller does this after moving
+    # the rankers back to it): the next apply drops 3, not 2.
+    e, rows = reg.apply_deltas("tiny", "v1", 2)
+    assert (e.readable_seqs, e.applied_seq, rows) == ((2, 3), 2, 0)
     e, _ = reg.apply_deltas("tiny", "v1", 1)  # below the window: rebuilt from V and delta 1
-    assert e.readable_seqs == (1, 3)
+    assert e.readable_seqs == (1, 2)
     want = overlay_rows(base[ROWS], ROWS, [chain[0].tables["unified"]])
     assert read(reg, 1).tobytes() == want.tobytes()
     reg.unload("tiny", "v1", 1.0)
