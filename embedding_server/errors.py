@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import grpc
 
+from modelpack.lookup import DELTA_REFUSED as DELTA_REFUSED
+
 # The reasons both tiers read are the lookup contract's (modelpack.lookup); the rest only
 # the server raises.
 from modelpack.lookup import DRAINING as DRAINING
 from modelpack.lookup import FINGERPRINT_MISMATCH as FINGERPRINT_MISMATCH
+from modelpack.lookup import SEQ_NOT_APPLIED as SEQ_NOT_APPLIED
 from modelpack.lookup import VERSION_NOT_LOADED as VERSION_NOT_LOADED
 
 # The message travels as the grpc-message trailer, and gRPC bounds metadata (8 KiB by
@@ -25,10 +28,6 @@ OVERLOADED = "overloaded"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 UNAUTHENTICATED = "unauthenticated"
 INTERNAL = "internal"
-# Deltas (protos/embedding.proto): a lookup at a seq this shard cannot read, a delta that
-# failed verification in ApplyDeltas.
-SEQ_NOT_APPLIED = "seq_not_applied"
-DELTA_REFUSED = "delta_refused"
 
 _C = grpc.StatusCode
 # Where a raise site names no reason: the one each code means on the lookup path.

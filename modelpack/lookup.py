@@ -27,6 +27,7 @@ VERSION_NOT_LOADED = "version_not_loaded"  # the shard does not hold the version
 FINGERPRINT_MISMATCH = "fingerprint_mismatch"  # it holds another build of it: the alarm
 DRAINING = "draining"  # it is shutting down: another replica can answer
 SEQ_NOT_APPLIED = "seq_not_applied"  # it cannot read the delta seq named: a sibling may
+DELTA_REFUSED = "delta_refused"  # ApplyDeltas: a delta failed verification; nothing changed
 # Packed INT4 rows, one per looked-up row: uint8 (rows, 4 + dim/2) in FBGEMM's TBE layout.
 Packed = npt.NDArray[np.uint8]
 
