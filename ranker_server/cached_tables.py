@@ -127,9 +127,10 @@ def _assemble(n: int, width: int, hit: npt.NDArray[np.bool_], hits: torch.Tensor
               missed: torch.Tensor | None, dev: torch.device) -> torch.Tensor:
     """The unique rows in order: hits from the cache, misses from the wire."""
     rows = torch.empty((n, width), dtype=torch.uint8, device=dev)
+    # index_copy_, not `rows[idx] = ...`: index_put_ on uint8 is ~50x slower on the CPU.
     if hits is not None:
-        rows[torch.from_numpy(np.flatnonzero(hit)).to(dev)] = hits
+        rows.index_copy_(0, torch.from_numpy(np.flatnonzero(hit)).to(dev), hits)
     if missed is not None:
-        rows[torch.from_numpy(np.flatnonzero(~hit)).to(dev)] = missed
+        rows.index_copy_(0, torch.from_numpy(np.flatnonzero(~hit)).to(dev), missed)
     return rows
 
