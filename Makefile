@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STORE ?= demo_store
 
-.PHONY: demo up down test lint protos clean
+.PHONY: demo demo-fresh up down test lint protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): $(PY) pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m loadtest.stack.demo --store $(STORE)
+
+demo-fresh: $(STAMP)
+	$(PY) -m loadtest.stack.demo --store $(STORE) --scenario fresh
 
 up: $(STAMP)
 	$(PY) -m loadtest.stack up --store $(STORE)
