@@ -49,6 +49,12 @@ serving it, observed when the seq advances), ranker_seq_not_applied_total{shard}
 ranker_errors_total{reason="seq_not_applied"}. An answer echoing another seq than the
 lookup named is the version-mismatch alarm: 503 version_mismatch, counted in
 ranker_version_mismatch_total.
+
+GET /admin/v1/cache shows the hot-row cache (--cache-bytes; `{"enabled": false}` when
+off): size, policy, device, occupancy and, per version, hits and misses (requested and
+unique), wire bytes saved, lookups skipped, entries, bytes, evictions, invalidations and
+the delta seq learned (ranker_cache_* on /metrics). Under --workers it is one worker's:
+each worker process has a cache of its own.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ between scrapes. Result: loadtest/results/cache_serving.{json,png}.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,27 +31,17 @@ from typing import Any
 import numpy as np
 
 from loadtest.bench.fleet import PROTOBUF, Fleet, check_scores_agree, closed, fleet, parser, scrape
+from loadtest.bench.hybrid_tax import one_at_a_time
 from loadtest.bench.plotting import Panel
 from loadtest.bench.record import BenchRecord
 from loadtest.bench.workload import build_requests, encode_bodies, version_dir
-from loadtest.harness.load import HttpPool, RunResult, closed_loop, percentiles
+from loadtest.harness.load import percentiles
 from loadtest.harness.probes import http_ready
 from loadtest.harness.process import ServerProcess, start_all, stop_all
 from loadtest.harness.procfs import cpu_seconds
 from modelpack.manifest import read_manifest
 
 CONFIGS = ("remote", "cached", "local")
-
-
-def one_at_a_time(s: ServerProcess, bodies: Sequence[bytes], seconds: float) -> RunResult:
-    async def run() -> RunResult:
-        pool = HttpPool("127.0.0.1", s.port)
-        try:
-            return await closed_loop(pool, "/v1/rank", bodies, concurrency=1,
-                                     duration_s=seconds, content_type=PROTOBUF)
-        finally:
-            await pool.close()
-    return asyncio.run(run())
 
 
 class Stream:
@@ -90,7 +79,7 @@ def measure(procs: dict[str, ServerProcess], shards: dict[str, int], stream: Str
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         m0 = scrape(procs[c]) if c == "cached" else {}
         bodies = stream.next(c)
-        res = (one_at_a_time(procs[c], bodies, seconds) if concurrency == 1
+        res = (one_at_a_time(procs[c].address, bodies, seconds, PROTOBUF) if concurrency == 1
                else closed(procs[c], bodies, concurrency, seconds))
         n = max(len(res.status), 1)
         stream.sent(c, len(res.status))

@@ -20,12 +20,12 @@ import pytest
 
 from loadtest.harness.probes import grpc_serving, metric_sum
 from loadtest.harness.process import ServerProcess, start_all, stop_all
-from modelpack.delta_write import write_delta
 from protos import embedding_pb2 as pb
 from protos import embedding_pb2_grpc as pbg
 from ranker_server.config import RankerConfig
 from ranker_server.inprocess import serve_in_process
-from tests.helpers_store import tiny_request, tiny_version
+from tests.helpers_store import tiny_request
+from tests.integration.test_ranker_deltas import delta_store
 
 TOKEN = "cache-t0ken"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -33,15 +33,10 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    tiny_version(root, "v1", seed=2)
-    rng = np.random.default_rng(5)
-    for lo, hi in ((0, 600), (300, 1000)):  # part of the rows each: some entries survive
-        write_delta(root / "tiny" / "v1", {
-            "unified": (np.arange(lo, hi), 2 * rng.standard_normal((hi - lo, 16)).astype(np.float32)),
-            "cats": (np.arange(0, 37, 2), 2 * rng.standard_normal((19, 16)).astype(np.float32))})
-    (root / "token").write_text(TOKEN + "\n")
-    return root
+    # part of the rows each: some entries survive each delta
+    parts = [{"unified": np.arange(lo, hi), "cats": np.arange(0, 37, 2)}
+             for lo, hi in ((0, 600), (300, 1000))]
+    return delta_store(tmp_path_factory.mktemp("store"), TOKEN, parts, seed=2)
 
 
 @pytest.fixture(scope="module")
