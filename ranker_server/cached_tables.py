@@ -9,8 +9,8 @@ views. Misses are then offered to the cache, tagged with the seq they were read 
 
 Exactness across deltas: `open_seq` (run before the ranker switches a version's seq)
 reads the row lists of the deltas the cache has not learned yet, in order, verified
-(modelpack.delta_read.read_delta), and the cache frees the entries they touch; reads at
-a seq not learned bypass the cache. `close_version` drops a retired version's entries.
+(store_delta_rows: the rows files only), and the cache frees the entries they touch;
+reads at a seq not learned bypass the cache. `close_version` drops a retired version's entries.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from modelpack.delta_read import read_delta
+from modelpack.delta import DeltaError, delta_dir, rows_path
+from modelpack.delta_read import _read_file, check_table_rows, load_delta_manifest
 from modelpack.lookup import TableQuery, unique_rows
 from modelpack.manifest import Manifest
 from ranker_server.cache_touches import Rows
@@ -38,11 +39,26 @@ DeltaRows = Callable[[Manifest, int], dict[str, tuple[int, Rows]]]
 
 
 def store_delta_rows(store: Path) -> DeltaRows:
-    """Delta seq's touched rows per table, {table: (table rows, sorted rows)}, read from
-    STORE/model/version/deltas/ and verified (every file's sha256, the chain link)."""
+    """Delta seq's touched rows per table, {table: (table rows, sorted rows)}, from
+    STORE/model/version/deltas/<seq>/: its manifest checked against this build and seq,
+    each rows file against the manifest's size and sha256, the rows inside the table,
+    ascending and unique. Only the rows files are read (8 bytes a row), never the packed
+    data: the shards apply that. The chain link was checked by the caller (deltas.py)."""
     def read(manifest: Manifest, seq: int) -> dict[str, tuple[int, Rows]]:
-        d = read_delta(store / manifest.model / manifest.version, seq, base=manifest)
-        return {t: (manifest.table(t).rows, td.rows) for t, td in d.tables.items()}
+        vdir = store / manifest.model / manifest.version
+        m = load_delta_manifest(vdir, seq, manifest)
+        out = {}
+        for t in m.tables:
+            raw = _read_file(delta_dir(vdir, seq), m, rows_path(t.name))
+            rows = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+            num_rows = manifest.table(t.name).rows
+            if rows.size != t.rows:
+                raise DeltaError(f"{m.name}: table {t.name!r} lists {rows.size} rows, its "
+                                 f"manifest says {t.rows}")
+            # No packed rows read: an empty (0, 4) block passes the scale/bias check.
+            check_table_rows(m.name, t.name, num_rows, rows, np.empty((0, 4), np.uint8))
+            out[t.name] = (num_rows, rows)
+        return out
     return read
 
 

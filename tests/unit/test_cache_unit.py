@@ -10,15 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from modelpack.delta import DeltaError, delta_dir, rows_path
+from modelpack.delta_read import read_delta
+from modelpack.delta_write import write_delta
 from modelpack.requests import decode_request
 from modelpack.scorer import TableReader
 from ranker_server.cache_metrics import CacheCollector
 from ranker_server.cache_touches import OPEN, Touches
+from ranker_server.cached_tables import store_delta_rows
 from ranker_server.config import ConfigError, RankerConfig
 from ranker_server.device import Device
 from ranker_server.metrics import Metrics
 from ranker_server.pipeline import merge_requests, plan_lookups, stage_rows
-from tests.helpers_store import loaded_tiny_version, tiny_request
+from tests.helpers_store import loaded_tiny_version, tiny_request, tiny_version
 from tests.unit.cache_helpers import Store, cached, query
 
 
@@ -90,6 +94,23 @@ def test_a_retired_version_drops_its_entries_only() -> None:
     assert [v["version"] for v in st["versions"]] == ["v2"] and st["entries"] == 2
     asyncio.run(src.lookup(one.version(0), [query("a", [1])], 1.0))  # retired: read through
     assert src.cache.stats()["entries"] == 2
+
+
+def test_delta_rows_come_from_the_rows_files_verified(tmp_path: Path) -> None:
+    m = tiny_version(tmp_path, "v1")
+    vdir = tmp_path / "tiny" / "v1"
+    rng = np.random.default_rng(0)
+    write_delta(vdir, {"unified": (np.array([7, 3, 500]), rng.standard_normal((3, 16)))})
+    read = store_delta_rows(tmp_path)
+    got = read(m, 1)
+    assert list(got) == ["unified"] and got["unified"][0] == 1000
+    assert got["unified"][1].tolist() == read_delta(vdir, 1).tables["unified"].rows.tolist()
+    rows_file = delta_dir(vdir, 1) / rows_path("unified")
+    raw = bytearray(rows_file.read_bytes())
+    raw[0] ^= 1
+    rows_file.write_bytes(bytes(raw))
+    with pytest.raises(DeltaError, match="sha256"):
+        read(m, 1)
 
 
 def test_touch_intervals_around_a_read_seq() -> None:
