@@ -19,6 +19,10 @@ Which direction is safe depends on where the rollout stood:
   BAKE resumes over the same window (its baseline scrape was journaled in its begin
   event), so nothing that happened while the controller was down goes unjudged.
 
+A blue/green rollout (bluegreen.py) follows the same rules: its `convert` steps are
+phase 2 (resumed, or rolled back with the canary rule), `convert_rest` is retire (only
+forward), `revert_replicas` is rollback; its journaled path says what comes next.
+
 Delta operations (decide_delta) resume their step: every one is idempotent. One whose
 rankers may already read the new seq (its rankers step had begun) is reverted instead
 when the controller was down longer than `max_unsupervised_s`, as a canary is.
