@@ -184,7 +184,9 @@ def render_convergence(r: dict[str, Any]) -> list[str]:
     if want:
         split = " ".join(f"{v}={_pct(s)}" for v, s in sorted(want["split"].items()))
         deltas = " ".join(f"{v}@{s}" for v, s in sorted((want.get("deltas") or {}).items()))
-        lines.append(f"  desired: active {want['active']}, every server holds "
+        who = ("rankers hold" if r.get("strategy") == "blue_green" and r.get("status") in
+               ("running", "rolling_back") else "every server holds")  # replicas: one each
+        lines.append(f"  desired: active {want['active']}, {who} "
                      f"{','.join(want['versions'])}, traffic {split}"
                      + (f", delta seqs {deltas}" if deltas else "") + f" (seq {want['seq']})")
     if r.get("desired_error"):

@@ -140,3 +140,18 @@ def test_render_shows_gate_and_errors() -> None:
     assert "traffic v1=95% v2=5%" in text and "connection refused" in text
     assert "s:1 v1:ready v2:ready" in text
     assert "gate FAILING" in text and "p99 20.0 ms (old 10.0 ms)" in text
+
+
+def test_rollout_plan_prints_the_blue_green_plan_and_starts_nothing(served: Served) -> None:
+    served.fleet.routing, served.fleet.budget_bytes = True, 150
+    common = ("--controller", served.url, "--token-file", str(served.token_file))
+    code, out = ctl("rollout", "m", "v2", "--canary", "50,100", "--plan", *common)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("m v1 -> v2: blue_green (two versions do not fit one replica")
+    assert lines[1].startswith("capacity rule: load factor <= 2 (") and lines[1].endswith(": ok")
+    row = next(x for x in lines if x.split()[0] == "convert:0")
+    assert row.split()[1:] == ["v1=100%", "v1=2x", "v2", "v1", "v2", "v1"]
+    code, out = ctl("rollout", "m", "v2", "--strategy", "in-place", "--plan", *common)
+    assert code == 2  # refused: 507, two versions do not fit
+    assert ctl("history", *common)[1] == ""
