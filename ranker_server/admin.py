@@ -136,9 +136,14 @@ async def load_version(request: Request) -> Response:
 
 @router.post("/versions/{version}/prepare")
 async def prepare_version(version: str, request: Request) -> Response:
-    """Handshake: every shard replica must report the version READY with our fingerprint."""
+    """Handshake: every shard replica must report the version READY with our fingerprint
+    (`?min_replicas=N`: N per shard is enough, as in a blue/green rollout)."""
     st = _state(request)
-    return _json(st.registry.info(await st.lifecycle.prepare(version)))
+    raw = request.query_params.get("min_replicas")
+    if raw is not None and not (raw.isdigit() and len(raw) <= 4):
+        raise AdminError(422, f"min_replicas: must be an integer >= 0, got {raw[:40]!r}")
+    return _json(st.registry.info(await st.lifecycle.prepare(
+        version, None if raw is None else int(raw))))
 
 
 @router.post("/versions/{version}/activate")

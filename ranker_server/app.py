@@ -61,7 +61,9 @@ def _source(config: RankerConfig, metrics: Metrics) -> TableSource:
         return LocalTables(config.store)
     return RemoteTables(config.embedding_shards, config.prepare_timeout_s,
                         lookup_token=config.embedding_token(),
-                        transport=config.embedding_transport, metrics=metrics)
+                        transport=config.embedding_transport, metrics=metrics,
+                        prepare_min_replicas=config.prepare_min_replicas,
+                        routing_refresh_s=config.routing_refresh_s)
 
 
 def _cached(config: RankerConfig, metrics: Metrics, device: Device, source: TableSource

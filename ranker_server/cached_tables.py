@@ -111,8 +111,8 @@ class CachedTables:
             out.append(full.numpy() if dev.type == "cpu" else full)
         return out
 
-    async def prepare(self, manifest: Manifest) -> None:
-        await self.inner.prepare(manifest)
+    async def prepare(self, manifest: Manifest, *, min_replicas: int | None = None) -> None:
+        await self.inner.prepare(manifest, min_replicas=min_replicas)
 
     def open_version(self, manifest: Manifest) -> None:
         self.inner.open_version(manifest)

@@ -61,6 +61,14 @@ class RankerConfig:
     embedding_transport: Literal["stream", "unary"] = "stream"
     """How lookups reach the shards: "stream" (one long-lived LookupStream per replica) or
     "unary" (one Lookup call per shard per batch, for comparison and older shards)."""
+    routing_refresh_s: float = 1.0
+    """Seconds between the embedding client's ListVersions rounds that learn which replica
+    holds which version READY (a lookup then goes only to replicas that can answer it); a
+    refusal also triggers one. 0: no routing."""
+    prepare_min_replicas: int = 0
+    """Replicas per shard that must hold a version READY for prepare and /readyz: 0 = every
+    replica (in-place rollouts); 1 for fleets rolled out blue/green. Another build always
+    refuses. The controller's prepare may ask for 1 per call (?min_replicas=1)."""
     local_tables: bool = False
     """Read tables in-process from the store instead of calling embedding shards."""
     cache_bytes: int = 0
@@ -152,7 +160,9 @@ class RankerConfig:
         if self.embedding_transport not in ("stream", "unary"):
             raise ConfigError(f"embedding_transport: must be stream or unary, got "
                               f"{self.embedding_transport!r}")
-        require_at_least(ConfigError, 0, {"cache_bytes": self.cache_bytes})
+        require_at_least(ConfigError, 0, {"cache_bytes": self.cache_bytes,
+                                          "routing_refresh_s": self.routing_refresh_s,
+                                          "prepare_min_replicas": self.prepare_min_replicas})
         if self.cache_policy not in POLICIES:
             raise ConfigError(f"cache_policy: must be one of {', '.join(POLICIES)}, got "
                               f"{self.cache_policy!r}")

@@ -78,13 +78,14 @@ class Lifecycle:
             raise AdminError(422, f"cannot load {vdir}: {e}") from None
         return LoadedVersion(manifest=m, path=vdir, dense=dense)
 
-    async def prepare(self, version: str) -> LoadedVersion:
-        """The handshake: every shard replica holds `version` READY with our fingerprint."""
+    async def prepare(self, version: str, min_replicas: int | None = None) -> LoadedVersion:
+        """The handshake: the shard replicas hold `version` READY with our fingerprint
+        (every one, or `min_replicas` per shard: TableSource.prepare)."""
         lv = self.registry.get(version)
         if lv.unloading:
             raise AdminError(409, f"version {version!r} is being unloaded")
         try:
-            await self.source.prepare(lv.manifest)
+            await self.source.prepare(lv.manifest, min_replicas=min_replicas)
         except PrepareError as e:
             raise AdminError(409, str(e)) from None
         if not lv.prepared:

@@ -115,7 +115,7 @@ class LocalTables:
                             f"{version.manifest.model}/{version.version} at delta seq {at}: "
                             f"{e}", retry_after_s=1) from None
 
-    async def prepare(self, manifest: Manifest) -> None:
+    async def prepare(self, manifest: Manifest, *, min_replicas: int | None = None) -> None:
         if manifest.version not in self._tables:
             raise PrepareError(f"{manifest.model}/{manifest.version}: local tables not open")
 

@@ -33,7 +33,9 @@ class TableSource(Protocol):
     async def lookup(self, version: LoadedVersion, queries: Sequence[TableQuery],
                      timeout_s: float, *, seq: int | None = None) -> Sequence[Answer]: ...
 
-    async def prepare(self, manifest: Manifest) -> None: ...
+    async def prepare(self, manifest: Manifest, *, min_replicas: int | None = None) -> None:
+        """PrepareError unless the version is servable: `min_replicas` per shard hold it
+        READY (None: the ranker's --prepare-min-replicas; 0: every replica)."""
 
     def open_version(self, manifest: Manifest) -> None: ...
 

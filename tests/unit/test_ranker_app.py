@@ -217,7 +217,10 @@ def test_admin_api(store: Path) -> None:
         r = await admin("PUT", "/split", json={"split": {"v1": 0.5, "v2": 0.5}})
         assert r.status_code == 409  # v2 is not prepared yet
         assert (await admin("POST", "/versions/v2/activate")).status_code == 409
-        r = await admin("POST", "/versions/v2/prepare")
+        for bad in ("-1", "one", "99999"):  # the blue/green handshake's ?min_replicas=N
+            r = await admin("POST", "/versions/v2/prepare", params={"min_replicas": bad})
+            assert r.status_code == 422 and "min_replicas" in r.json()["detail"], bad
+        r = await admin("POST", "/versions/v2/prepare", params={"min_replicas": "1"})
         assert r.status_code == 200 and r.json()["state"] == "prepared"
         r = await admin("PUT", "/split", json={"split": {"v1": 0.5, "v2": 0.4}})
         assert r.status_code == 422
