@@ -128,7 +128,8 @@ def _prev_link(version_dir: Path, base: Manifest, seq: int) -> str:
     return load_delta_manifest(version_dir, seq - 1, base).fingerprint
 
 
-def _read_file(ddir: Path, m: DeltaManifest, rel: str) -> bytes:
+def read_checked_file(ddir: Path, m: DeltaManifest, rel: str) -> bytes:
+    """A file of delta `m` (in `ddir`), its size and sha256 checked against the manifest."""
     entry = m.file(rel)
     path = ddir / rel
     try:
@@ -187,8 +188,8 @@ def read_delta(version_dir: Path | str, seq: int, *, base: Manifest | None = Non
     ddir = delta_dir(vdir, seq)
     tables: dict[str, TableDelta] = {}
     for t in m.tables:
-        rows = np.frombuffer(_read_file(ddir, m, rows_path(t.name)), dtype="<i8").astype(np.int64)
-        packed = np.frombuffer(_read_file(ddir, m, data_path(t.name)), dtype=np.uint8)
+        rows = np.frombuffer(read_checked_file(ddir, m, rows_path(t.name)), dtype="<i8").astype(np.int64)
+        packed = np.frombuffer(read_checked_file(ddir, m, data_path(t.name)), dtype=np.uint8)
         packed = packed.reshape(t.rows, t.row_bytes)
         check_table_rows(m.name, t.name, base.table(t.name).rows, rows, packed)
         tables[t.name] = TableDelta(rows, packed)

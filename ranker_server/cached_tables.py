@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 
 from modelpack.delta import DeltaError, delta_dir, rows_path
-from modelpack.delta_read import _read_file, check_table_rows, load_delta_manifest
+from modelpack.delta_read import check_table_rows, load_delta_manifest, read_checked_file
 from modelpack.lookup import TableQuery, unique_rows
 from modelpack.manifest import Manifest
 from ranker_server.cache_touches import Rows
@@ -49,7 +49,7 @@ def store_delta_rows(store: Path) -> DeltaRows:
         m = load_delta_manifest(vdir, seq, manifest)
         out = {}
         for t in m.tables:
-            raw = _read_file(delta_dir(vdir, seq), m, rows_path(t.name))
+            raw = read_checked_file(delta_dir(vdir, seq), m, rows_path(t.name))
             rows = np.frombuffer(raw, dtype="<i8").astype(np.int64)
             num_rows = manifest.table(t.name).rows
             if rows.size != t.rows:
