@@ -1,6 +1,7 @@
 """The whole system in one command: a v1 -> v2 rollout under live load, then a summary and a PNG.
 
     python -m loadtest.stack.demo [--store demo_store] [--out build/demo] [--duration 60]
+    python -m loadtest.stack.demo --scenario blue-green  (replicas hold one version each)
     python -m loadtest.stack.demo --scenario fresh [...]   (delta freshness: loadtest/stack/fresh.py)
 
 1. builds the demo model store if it is missing (reuses it when every checksum verifies);
@@ -39,10 +40,12 @@ import httpx
 from deploy_controller.journal import Rollout, read_rollouts
 from loadtest.locust import report
 from loadtest.locust.served import Request, percentile, read_request_log
+from loadtest.stack import bluegreen
 from loadtest.stack.local import LocalStack, StackConfig, StackError, ensure_store
 
 log = logging.getLogger("loadtest.stack.demo")
 MODEL = "ads_ctr"
+SCENARIOS = ("rollout", "blue-green", "fresh")
 REPO = Path(__file__).resolve().parents[2]
 # Gates for a shared 2-core machine: latency noise from neighbours must not fail a healthy
 # rollout, while errors and mismatches still do (their thresholds stay at the defaults).
@@ -200,13 +203,18 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
     out: Path = args.out
     ensure_store(store, MODEL, clock.say)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("locust*"), out / "report.png", out / "summary.txt"]:
+    for old in [*out.glob("locust*"), out / "report.png", out / "summary.txt",
+                out / "replicas.png", out / "bluegreen.json"]:
         old.unlink(missing_ok=True)
     prefix = out / "locust"
     eval_path = store / MODEL / "v2" / "eval.jsonl"
-    stack = LocalStack(StackConfig(store=store, run_dir=out / "stack",
-                                   controller_extra=(*DEMO_GATES, *args.controller_arg),
-                                   ranker_extra=tuple(args.ranker_arg)))
+    blue_green = args.scenario == "blue-green"
+    gates, rankers = (*DEMO_GATES, *args.controller_arg), tuple(args.ranker_arg)
+    stack = LocalStack(
+        bluegreen.stack_config(store, out / "stack", controller_extra=gates, ranker_extra=rankers)
+        if blue_green else StackConfig(store=store, run_dir=out / "stack",
+                                       controller_extra=gates, ranker_extra=rankers))
+    run_bg: bluegreen.BlueGreenRun | None = None
     for old in (out / "stack").glob("journal.sqlite*"):  # with its -wal and -shm
         old.unlink()
     locust: subprocess.Popen[bytes] | None = None
@@ -214,7 +222,9 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
     locust_code: int | None = None
     mismatches = (math.nan, math.nan)
     try:
-        clock.say("starting 2 embedding shards, the ranker and the deploy controller")
+        clock.say("starting 2 embedding shards" + (
+            " x 2 replicas (memory for one version each)" if blue_green else "")
+            + ", the ranker and the deploy controller")
         stack.start()
         clock.say(f"up: ranker {stack.ranker_url}, controller {stack.controller_url}, "
                   f"shards {[p.address for reps in stack.shards for p in reps]}")
@@ -227,7 +237,11 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
         time.sleep(args.rollout_at)
         if locust.poll() is not None:
             raise StackError(f"Locust exited early ({locust.returncode}); see {locust_log}")
-        deployctl_code = rollout(stack, args)
+        if blue_green:
+            run_bg = bluegreen.run_blue_green(stack, "v2", canary=args.canary, bake_s=args.bake)
+            deployctl_code = run_bg.exit_code
+        else:
+            deployctl_code = rollout(stack, args)
         clock.say(f"deployctl exited {deployctl_code}; load goes on until "
                   f"{args.duration} s")
         locust_code = stop_locust(locust, args.duration + 60 - (time.monotonic() - started))
@@ -251,6 +265,11 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
                        title=f"make demo: {MODEL} v1 -> v2 under load "
                              f"(canary {args.canary}, bake {args.bake:g} s)")
     text, ok = summary(rows, r, served, mismatches, deployctl_code, locust_code, png, eval_path)
+    if run_bg is not None:
+        held = bluegreen.plot_replicas(run_bg, out / "replicas.png",
+                                       title="which replica held which version (blue/green)")
+        bluegreen.write_json(run_bg, out / "bluegreen.json")
+        text += f"\nreplicas over time: {held} ({out / 'bluegreen.json'})\n"
     print(text)
     (out / "summary.txt").write_text(text.lstrip("\n") + "\n")
     clock.say(f"done; summary in {out / 'summary.txt'}, picture in {png}")
@@ -259,7 +278,7 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     pick = argparse.ArgumentParser(add_help=False)
-    pick.add_argument("--scenario", choices=["rollout", "fresh"], default="rollout")
+    pick.add_argument("--scenario", choices=SCENARIOS, default="rollout")
     chosen, rest = pick.parse_known_args(argv)
     if chosen.scenario == "fresh":
         from loadtest.stack import fresh
@@ -267,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return fresh.main(rest)
     p = argparse.ArgumentParser(prog="python -m loadtest.stack.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["rollout", "fresh"], default="rollout",
-                   help="rollout: v1 -> v2 under load (default); fresh: v1 + deltas "
+    p.add_argument("--scenario", choices=SCENARIOS, default="rollout",
+                   help="rollout: v1 -> v2 under load (default); blue-green: the same with "
+                        "2 x 2 replicas that hold one version each, converted replica by "
+                        "replica (plus replicas.png); fresh: v1 + deltas "
                         "(python -m loadtest.stack.demo --scenario fresh --help)")
     p.add_argument("--store", type=Path, default=Path("demo_store"), help="model store")
     p.add_argument("--out", type=Path, default=Path("build/demo"),
