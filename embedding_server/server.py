@@ -36,7 +36,7 @@ from embedding_server.versions import VersionRegistry
 from protos import embedding_pb2 as pb
 
 log = logging.getLogger("embedding_server")
-_QUIET_S = 0.2  # SIGTERM: stop once no lookup has arrived for this long (or the grace ends)
+_QUIET_S = 0.2  # SIGTERM: stop once no lookup has arrived or been answered for this long
 _SEND_S = 1.0  # then answers still on their way out get this long before the rest is cancelled
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
@@ -202,7 +202,7 @@ def drain(server: grpc.Server, servicer: EmbeddingServicer, health_servicer: hea
 
     Lookups are refused with a retriable UNAVAILABLE (on a stream: failure reason
     draining, then the stream ends) while the running ones finish, and until none has
-    arrived for _QUIET_S, before server.stop(): on stop, grpc core CANCELs calls that have
+    arrived or been answered for _QUIET_S, before server.stop(): on stop, grpc core CANCELs calls that have
     arrived but not yet reached a handler, and clients do not retry CANCELLED. Streams
     still open then are idle ones (embedding_server.streams): stop cancels them after _SEND_S.
     """

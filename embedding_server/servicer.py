@@ -58,7 +58,10 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
         self.admin_port: int | None = None  # bound --admin-port: admin RPCs only there
         self._inflight = 0
         self.draining = False  # set on SIGTERM: new lookups get UNAVAILABLE (reason draining)
-        self.last_arrival = 0.0  # time.monotonic() of the latest Lookup call
+        # time.monotonic() of the latest lookup's arrival or answer: a drain waits until it
+        # is _QUIET_S old, so a client that sends again as soon as it is answered is told
+        # `draining` instead of meeting server.stop(), which CANCELs calls not yet handled.
+        self.last_arrival = 0.0
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, int], Any] = {}
         self.streams = StreamSet(cfg.max_streams)
@@ -149,6 +152,7 @@ class EmbeddingServicer(pbg.EmbeddingServiceServicer):
             self.metrics.inflight.dec()
             with self._lock:
                 self._inflight -= 1
+            self.last_arrival = time.monotonic()
 
     def _rows_counter(self, table: str, output: int) -> Any:
         key = (table, output)

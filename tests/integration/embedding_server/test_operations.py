@@ -107,10 +107,12 @@ def test_sigterm_drains_in_flight_lookups_and_streams_and_exits_zero(store: Path
         full = pb.LookupRequest(model="tiny", version="v1", tables=req)  # built once: clients stay quick
 
         def client() -> None:  # keeps lookups in flight until the server refuses them
+            answers = []  # checked at the end: each call follows the last answer at once
             while not stop.is_set():
                 try:
-                    outcomes.append("ok" if right(stub.Lookup(full, timeout=30)) else "WRONG")
+                    answers.append(stub.Lookup(full, timeout=30))
                 except grpc.RpcError as e:
+                    outcomes.extend("ok" if right(a) else "WRONG" for a in answers)
                     outcomes.append(f"{e.code().name}: {e.details()}")
                     return
 
@@ -181,9 +183,10 @@ def test_sigterm_drains_in_flight_lookups_and_streams_and_exits_zero(store: Path
     assert "WRONG" not in outcomes + streamed[0] + streamed[1]
     failures = [o for o in outcomes if o != "ok"]
     assert len(failures) == 4 and all(f.startswith("UNAVAILABLE: ") for f in failures), failures
-    # The big lookups' clients check each answer before sending the next, and may all find
-    # the port closed; the probe, sending back to back, meets the drain's clear refusal.
-    assert probed == ["UNAVAILABLE: embedding server is shutting down (SIGTERM); retry on another replica"]
+    # Each client sent again as soon as it was answered, and the drain waits _QUIET_S after
+    # the last answer: the refusal is the clear `draining` one, not a CANCELLED from stop.
+    drained = "UNAVAILABLE: embedding server is shutting down (SIGTERM); retry on another replica"
+    assert failures == [drained] * 4 and probed == [drained]
     # Each stream: its received lookups answered, then one `draining` failure, then a clean end.
     for st in streamed:
         assert [s for s in st if s != "ok"] == [f"failure draining {C.UNAVAILABLE.value[0]}",
