@@ -135,13 +135,18 @@ def test_r1_failing_gate_rolls_back_with_zero_failures(stack: Stack) -> None:
 UNSUPERVISED = ("shift:0:begin", "bake:0:end")
 
 
+# One boundary of each kind on real processes (tests/unit/test_controller_recovery.py
+# crashes the fake fleet at every one): before anything moved, mid-load, prepared, a
+# canary step (twice, rolled back as unsupervised), the last shift, retiring, and the
+# journal's last write. E2E_ALL_CRASH_POINTS=1 runs every boundary here too.
+SAMPLE_POINTS = ["check_fit:end", "load_embeddings:begin", "prepare:end", "shift:0:begin",
+                 "bake:0:end", "shift:1:end", "unload_old_rankers:begin", "unload_old_shards:end"]
+
+
 def _crash_points() -> list[str]:
-    steps = [s.name for s in plan(CANARY)[:-1]]
-    points = [f"{s}:end" for s in steps]
     if os.environ.get("E2E_ALL_CRASH_POINTS") == "1":
-        return [f"{s}:{ev}" for s in steps for ev in ("begin", "end")]
-    return [*points, "load_embeddings:begin", "shift:0:begin", "bake:0:begin",
-            "unload_old_rankers:begin"]
+        return [f"{s.name}:{ev}" for s in plan(CANARY)[:-1] for ev in ("begin", "end")]
+    return SAMPLE_POINTS
 
 
 def test_r3_sigkill_at_step_boundaries_resumes_or_rolls_back(stack: Stack) -> None:
