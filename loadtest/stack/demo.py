@@ -238,7 +238,8 @@ def run(args: argparse.Namespace, signals: Signals) -> int:
         if locust.poll() is not None:
             raise StackError(f"Locust exited early ({locust.returncode}); see {locust_log}")
         if blue_green:
-            run_bg = bluegreen.run_blue_green(stack, "v2", canary=args.canary, bake_s=args.bake)
+            run_bg = bluegreen.run_blue_green(stack, "v2", canary=args.canary, bake_s=args.bake,
+                                              strategy="auto")  # the controller says why
             deployctl_code = run_bg.exit_code
         else:
             deployctl_code = rollout(stack, args)
