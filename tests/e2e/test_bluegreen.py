@@ -121,3 +121,38 @@ def test_blue_green_under_load_with_a_sigkill_mid_plan(stack: Stack) -> None:
     # (2 of 9 runs here went to 2.1x with the CPU shared by every other job), as the
     # controller's own p99 gate does (--gate-p99-slack-s). The ratio is printed above.
     assert p99u <= 2 * p99s + 0.025, (p99s, p99u)
+
+
+def test_abort_mid_plan_restores_the_old_version_on_every_replica(stack: Stack) -> None:
+    """After the first test the fleet is all-v2: a blue/green rollout back to v1, aborted
+    in its first bake (wave 0 converted, half the traffic on v1), ends with v2 alone on
+    every replica and the ranker, under load, with nothing failed or mismatched."""
+    old = stack.ranker_status()["active"]
+    new = "v1" if old == "v2" else "v2"
+    assert _held(stack) == [{old: "VERSION_STATE_READY"}] * 4
+    mism0 = stack.mismatches()
+    ctl = stack.controller("ctl_bg_abort", stack.dir / "bg_abort.sqlite").start().wait_ready()
+    try:
+        with Load(stack) as load, httpx.Client(base_url=f"http://{ctl.address}") as c:
+            r = c.post("/v1/rollouts", json={"model": MODEL, "version": new, "canary": [50, 100],
+                                             "bake_s": 60.0, "strategy": "blue-green"},
+                       headers=AUTH)
+            assert r.status_code == 202, r.text
+            rid = r.json()["id"]
+            deadline = time.monotonic() + 60
+            while (step := c.get(f"/v1/rollouts/{rid}").json()["step"]) != "bake:0":
+                assert time.monotonic() < deadline and step not in ("rolled_back", "succeeded"), step
+                time.sleep(0.1)
+            mid = _held(stack)
+            assert c.post(f"/v1/rollouts/{rid}/abort", headers=AUTH).status_code == 202
+            done = wait_done(c, rid, timeout=90, poll_s=0.2)
+    finally:
+        ctl.stop()
+    assert sorted(map(sorted, mid)) == [[new], [new], [old], [old]], mid
+    assert done["status"] == "rolled_back", done
+    assert _held(stack) == [{old: "VERSION_STATE_READY"}] * 4
+    st = stack.ranker_status()
+    assert st["active"] == old and [v["version"] for v in st["versions"]] == [old], st
+    assert load.failures() == [], load.failures()[:5]
+    assert stack.mismatches() == mism0
+    assert {x.version for x in load.results} == {old, new}
