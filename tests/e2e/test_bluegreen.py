@@ -13,6 +13,7 @@ the steady p99 before it; the p99 including the controller's restart is printed 
 from __future__ import annotations
 
 import io
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deploy_controller import cli
+from deploy_controller import bluegreen, cli
 from tests.stack import AUTH, MODEL, Load, Stack, start_stack
 from tests.unit.controller_helpers import wait_done
 
@@ -156,3 +157,52 @@ def test_abort_mid_plan_restores_the_old_version_on_every_replica(stack: Stack) 
     assert load.failures() == [], load.failures()[:5]
     assert stack.mismatches() == mism0
     assert {x.version for x in load.results} == {old, new}
+
+
+# Every step boundary of the blue/green path on 2 replicas (tests/unit/
+# test_controller_bluegreen_crash.py crashes the fake fleet at each one). make test runs
+# one of each kind beyond the first test's shift:0:end: mid-conversion of wave 0, the
+# prepare, the retire; E2E_ALL_CRASH_POINTS=1 runs every one.
+ALL_POINTS = [f"{s}:{ev}" for s in bluegreen.blue_green((("a", "b"),), [50, 100], "v1", "v2",
+                                                         2.0, "").steps[:-1]
+              for ev in ("begin", "end")]
+SAMPLE_POINTS = ["convert:0:end", "prepare:end", "convert_rest:begin"]
+
+
+def test_sigkill_at_step_boundaries_ends_all_old_or_all_new(stack: Stack) -> None:
+    points = ALL_POINTS if os.environ.get("E2E_ALL_CRASH_POINTS") == "1" else SAMPLE_POINTS
+    mism0, outcomes = stack.mismatches(), []
+    with Load(stack, threads=1) as load:
+        for i, point in enumerate(points):
+            old = stack.ranker_status()["active"]
+            new = "v1" if old == "v2" else "v2"
+            journal = stack.dir / f"bg_kill_{i}.sqlite"
+            doomed = stack.controller(f"ctl_bg_kill_{i}", journal, crash_at=point)
+            doomed.start().wait_ready()
+            with httpx.Client(base_url=f"http://{doomed.address}") as c:
+                r = c.post("/v1/rollouts", json={"model": MODEL, "version": new,
+                                                 "canary": [50, 100], "bake_s": 0.8,
+                                                 "strategy": "blue-green"}, headers=AUTH)
+                assert r.status_code == 202, r.text
+                rid = r.json()["id"]
+            assert doomed.proc is not None
+            try:
+                rc = doomed.proc.wait(timeout=90)
+            finally:
+                doomed.stop(signal.SIGKILL)
+            assert rc == -signal.SIGKILL, f"{point}: exit {rc}\n{doomed.log_tail()}"
+            ctl = stack.controller(f"ctl_bg_kill_{i}_up", journal).start().wait_ready()
+            try:
+                with httpx.Client(base_url=f"http://{ctl.address}") as c:
+                    done = wait_done(c, rid, timeout=120, poll_s=0.1)
+            finally:
+                ctl.stop()
+            final = new if done["status"] == "succeeded" else old
+            assert done["status"] in ("succeeded", "rolled_back"), (point, done["reason"])
+            assert _held(stack) == [{final: "VERSION_STATE_READY"}] * 4, (point, _held(stack))
+            st = stack.ranker_status()
+            assert st["active"] == final and [v["version"] for v in st["versions"]] == [final]
+            outcomes.append(f"{point}: {done['status']}")
+    print("\nblue/green SIGKILL trials:", *outcomes, sep="\n  ")
+    assert load.failures() == [], load.failures()[:5]
+    assert stack.mismatches() == mism0
