@@ -162,14 +162,16 @@ def test_no_holder_fails_at_once_with_its_own_reason(
         t0 = time.monotonic()
         with pytest.raises(NoReplicaHoldsVersionError) as e:
             await c.lookup("tiny", "v3", fp(store, "v1"), [query(np.arange(10))], 5.0)
-        assert time.monotonic() - t0 < 0.1
+        # At once: one ListVersions round, not the 5 s deadline (under 0.1 s on a quiet
+        # machine; the bound leaves room for a busy 2-core CI box).
+        assert time.monotonic() - t0 < 1.0
         assert e.value.reason == NO_REPLICA_HOLDS_VERSION and e.value.shard == 0
         assert "shard 0" in str(e.value) and "tiny/v3" in str(e.value)
         assert f"{servers['b0'].address}: v2 READY" in str(e.value)
         t0 = time.monotonic()  # held by every replica, readable by none at seq 3
         with pytest.raises(SeqNotAppliedError, match="tiny/v2 at delta seq 3"):
             await c.lookup("tiny", "v2", fp(store, "v2"), [query(np.arange(10))], 5.0, seq=3)
-        assert time.monotonic() - t0 < 0.1
+        assert time.monotonic() - t0 < 1.0
 
     run_with(shards(servers), body)
 
