@@ -83,7 +83,9 @@ def test_one_batch_synchronizes_with_the_host_once(tmp_path: Path) -> None:
                 forward(lv, stage_inputs(dev, reqs, merged), stage_rows(dev, lv, plan, packed))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchronizing" in str(w.message)]
+        # Only the sync reports: torch 2.11 also warns once that the mode is a prototype
+        # ("... does not yet detect all synchronizing operations"), which is not a sync.
+        syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
         assert len(syncs) == 1, [str(w.message)[:200] for w in syncs]
     finally:
         dev.close()
