@@ -18,12 +18,14 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from deploy_controller import bluegreen, cli
+from loadtest.harness.process import ServerProcess
 from tests.stack import AUTH, MODEL, Load, Stack, start_stack
 from tests.unit.controller_helpers import wait_done
 
@@ -54,6 +56,29 @@ def _held(stack: Stack) -> list[dict[str, str]]:
         stack.shards = shards
 
 
+def _killed(doomed: ServerProcess, what: str) -> None:
+    """Wait for the controller started with crash_at to SIGKILL itself there."""
+    assert doomed.proc is not None
+    try:
+        rc = doomed.proc.wait(timeout=90)
+    finally:
+        doomed.stop(signal.SIGKILL)
+    assert rc == -signal.SIGKILL, f"{what}: exit {rc}\n{doomed.log_tail()}"
+
+
+def _restart_until_done(stack: Stack, name: str, journal: Path, rid: str
+                        ) -> tuple[dict[str, Any], float]:
+    """A controller on the same journal (recovery runs at start): the rollout's end, and
+    when (time.time()) that controller was ready."""
+    ctl = stack.controller(name, journal).start().wait_ready()
+    up = time.time()
+    try:
+        with httpx.Client(base_url=f"http://{ctl.address}") as c:
+            return wait_done(c, rid, timeout=120, poll_s=0.1), up
+    finally:
+        ctl.stop()
+
+
 def _p99(xs: list[float]) -> float:
     return float(np.percentile(np.asarray(xs), 99))
 
@@ -76,21 +101,10 @@ def test_blue_green_under_load_with_a_sigkill_mid_plan(stack: Stack) -> None:
                                              "canary": [50, 100], "bake_s": 2.0}, headers=AUTH)
             assert r.status_code == 202, r.text
             rid = r.json()["id"]
-        assert doomed.proc is not None
-        try:
-            rc = doomed.proc.wait(timeout=90)
-        finally:
-            doomed.stop(signal.SIGKILL)
-        assert rc == -signal.SIGKILL, doomed.log_tail()
+        _killed(doomed, CRASH_AT)
         t_kill = time.time()
         mid = _held(stack)  # what the crash left: wave 0 on v2, wave 1 on v1
-        ctl = stack.controller("ctl_bg_restart", journal).start().wait_ready()
-        t_up = time.time()
-        try:
-            with httpx.Client(base_url=f"http://{ctl.address}") as c:
-                done = wait_done(c, rid, timeout=120, poll_s=0.2)
-        finally:
-            ctl.stop()
+        done, t_up = _restart_until_done(stack, "ctl_bg_restart", journal, rid)
         t_end = time.time()
         time.sleep(0.5)
     assert done["status"] == "succeeded" and done["strategy"] == "blue_green", done["reason"]
@@ -185,18 +199,8 @@ def test_sigkill_at_step_boundaries_ends_all_old_or_all_new(stack: Stack) -> Non
                                                  "strategy": "blue-green"}, headers=AUTH)
                 assert r.status_code == 202, r.text
                 rid = r.json()["id"]
-            assert doomed.proc is not None
-            try:
-                rc = doomed.proc.wait(timeout=90)
-            finally:
-                doomed.stop(signal.SIGKILL)
-            assert rc == -signal.SIGKILL, f"{point}: exit {rc}\n{doomed.log_tail()}"
-            ctl = stack.controller(f"ctl_bg_kill_{i}_up", journal).start().wait_ready()
-            try:
-                with httpx.Client(base_url=f"http://{ctl.address}") as c:
-                    done = wait_done(c, rid, timeout=120, poll_s=0.1)
-            finally:
-                ctl.stop()
+            _killed(doomed, point)
+            done, _ = _restart_until_done(stack, f"ctl_bg_kill_{i}_up", journal, rid)
             final = new if done["status"] == "succeeded" else old
             assert done["status"] in ("succeeded", "rolled_back"), (point, done["reason"])
             assert _held(stack) == [{final: "VERSION_STATE_READY"}] * 4, (point, _held(stack))
